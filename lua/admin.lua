@@ -1,0 +1,80 @@
+-- admin: operator actions on one key.
+--
+-- KEYS[1..9]  the provider's keys (see lib.lua)
+-- ARGV[1]   key prefix "<ns>:{<provider>}:"
+-- ARGV[2]   key id
+-- ARGV[3]   action:
+--             disable   ARGV[4] = reason              the key serves nothing until enabled
+--             enable                                  undo a disable (manual or auth)
+--             reset                                   clear cooldown, circuit, error counts,
+--                                                     budgets and usage; keeps enabled/disabled
+--             remove                                  forget the key, its leases and models
+--             assign    ARGV[4] = model               the model is served by this key
+--             unassign  ARGV[4] = model               it no longer is
+--             renew     ARGV[4] = lease id, ARGV[5] = ttl ms   extend an open lease
+--
+-- Reply: {'OK', changed (1/0)} or {'UNKNOWN'} when the key is not registered.
+
+local id, action, arg = ARGV[2], ARGV[3], ARGV[4]
+local h = key_hash(id)
+if redis.call('EXISTS', h) == 0 then return { 'UNKNOWN' } end
+local now = now_ms()
+local changed = 1
+
+if action == 'disable' then
+  if redis.call('HGET', h, 'en') == '0' then changed = 0 end
+  redis.call('HSET', h, 'en', '0', 'disabled_reason', (arg ~= '' and arg) or 'manual')
+elseif action == 'enable' then
+  if redis.call('HGET', h, 'en') ~= '0' then changed = 0 end
+  redis.call('HSET', h, 'en', '1')
+  redis.call('HDEL', h, 'disabled_reason')
+elseif action == 'reset' then
+  local kinds = { 'rate_limit', 'quota', 'auth', 'server', 'timeout', 'connection',
+    'bad_request', 'other' }
+  for i = 1, #kinds do redis.call('HDEL', h, 'e:' .. kinds[i]) end
+  redis.call('HDEL', h, 'until', 'why', 't_rpm', 't_tpm', 't_rpd', 'last_error',
+    'last_error_at', 'lat', 'lat_n', 'rl_strikes', 'opens', 'circ', 'probe_until')
+  redis.call('HSET', h, 'total', '0', 'ok', '0', 'err', '0', 'consec', '0', 'tokens', '0')
+elseif action == 'remove' then
+  for i = 1, 5 do redis.call('ZREM', STRATEGY_ZSETS[i], id) end
+  redis.call('ZREM', K_WAIT, id)
+  redis.call('SREM', K_ALL, id)
+  local leases = redis.call('ZRANGE', key_leases(id), 0, -1)
+  for i = 1, #leases do redis.call('ZREM', K_LEASES, id .. '/' .. leases[i]) end
+  local models = cjson.decode(redis.call('HGET', h, 'models') or '[]')
+  for i = 1, #models do redis.call('SREM', model_set(models[i]), id) end
+  redis.call('DEL', h, key_leases(id))
+  return { 'OK', 1 }
+elseif action == 'assign' or action == 'unassign' then
+  local models = cjson.decode(redis.call('HGET', h, 'models') or '[]')
+  local kept, found = {}, false
+  for i = 1, #models do
+    if models[i] == arg then found = true end
+    if models[i] ~= arg then kept[#kept + 1] = models[i] end
+  end
+  if action == 'assign' then
+    redis.call('SADD', model_set(arg), id)
+    kept[#kept + 1] = arg
+    if found then changed = 0 end
+  else
+    redis.call('SREM', model_set(arg), id)
+    if not found then changed = 0 end
+  end
+  if #kept > 0 then
+    redis.call('HSET', h, 'models', cjson.encode(kept))
+  else
+    redis.call('HDEL', h, 'models')
+  end
+  return { 'OK', changed }
+elseif action == 'renew' then
+  local member = id .. '/' .. arg
+  if not redis.call('ZSCORE', K_LEASES, member) then return { 'OK', 0 } end
+  local expiry = now + tonumber(ARGV[5])
+  redis.call('ZADD', K_LEASES, expiry, member)
+  redis.call('ZADD', key_leases(id), expiry, arg)
+else
+  return redis.error_reply('ERR keypool: unknown admin action ' .. action)
+end
+
+place(load(id), now)
+return { 'OK', changed }

@@ -1,0 +1,70 @@
+-- register: add a key or update it in place (idempotent upsert). Counters and state of an
+-- existing key are kept; a new secret (another fingerprint) lifts an auth disable and
+-- closes the circuit, since those judged the old secret.
+--
+-- KEYS[1..9]  the provider's keys (see lib.lua)
+-- ARGV[1]   key prefix "<ns>:{<provider>}:"
+-- ARGV[2]   key id
+-- ARGV[3]   fingerprint of the secret
+-- ARGV[4]   weight (> 0)
+-- ARGV[5]   rpm limit (0 = none)
+-- ARGV[6]   tpm limit (0 = none)
+-- ARGV[7]   rpd limit (0 = none)
+-- ARGV[8]   max concurrent leases (0 = none)
+-- ARGV[9]   sealed secret ('' in the default mode: Redis never holds the secret)
+-- ARGV[10]  epoch to create the pool under when it does not exist yet
+-- ARGV[11]  JSON array of models to assign the key to (may be '[]')
+--
+-- Reply: {epoch, 'created' | 'updated' | 'rekeyed'}
+
+local id, fp = ARGV[2], ARGV[3]
+local h = key_hash(id)
+local now = now_ms()
+
+local epoch = redis.call('HGET', K_META, 'epoch')
+if not epoch then
+  epoch = ARGV[10]
+  redis.call('HSET', K_META, 'epoch', epoch, 'created', n2s(math.floor(now)))
+end
+
+local old_fp = redis.call('HGET', h, 'fp')
+local result = 'updated'
+redis.call('SADD', K_ALL, id)
+redis.call('HSET', h, 'id', id, 'fp', fp, 'weight', ARGV[4], 'rpm', ARGV[5], 'tpm', ARGV[6],
+  'rpd', ARGV[7], 'maxc', ARGV[8])
+if ARGV[9] ~= '' then
+  redis.call('HSET', h, 'sealed', ARGV[9])
+else
+  redis.call('HDEL', h, 'sealed')
+end
+
+if not old_fp then
+  result = 'created'
+  local pass = min_score(K_RR) or 0
+  local wpass = min_score(K_WRR) or 0
+  redis.call('HSET', h, 'en', '1', 'created', n2s(math.floor(now)), 'pass', n2s(pass),
+    'wpass', n2s(wpass), 'total', '0', 'ok', '0', 'err', '0', 'consec', '0', 'inflight', '0')
+elseif old_fp ~= fp then
+  result = 'rekeyed'
+  redis.call('HSET', h, 'consec', '0', 'circ', '', 'probe_until', '0', 'opens', '0')
+  local reason = redis.call('HGET', h, 'disabled_reason') or ''
+  if string.sub(reason, 1, 4) == 'auth' then
+    redis.call('HSET', h, 'en', '1')
+    redis.call('HDEL', h, 'disabled_reason')
+  end
+end
+
+local models = cjson.decode(ARGV[11])
+if #models > 0 then
+  local have = cjson.decode(redis.call('HGET', h, 'models') or '[]')
+  local seen = {}
+  for i = 1, #have do seen[have[i]] = true end
+  for i = 1, #models do
+    redis.call('SADD', model_set(models[i]), id)
+    if not seen[models[i]] then have[#have + 1] = models[i]; seen[models[i]] = true end
+  end
+  redis.call('HSET', h, 'models', cjson.encode(have))
+end
+
+place(load(id), now)
+return { epoch, result }

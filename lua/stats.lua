@@ -1,0 +1,43 @@
+-- stats: read keys' state, with what follows from it now (budgets left, in flight, status).
+-- Writes nothing but the housekeeping every script does (expired leases, due keys).
+--
+-- KEYS[1..9]  the provider's keys (see lib.lua)
+-- ARGV[1]     key prefix "<ns>:{<provider>}:"
+-- ARGV[2..n]  key ids; none = every key of the provider
+--
+-- Reply: {now_ms, {key_id, {field, value, ...}, {available_at_ms_or_-1, why, rpm_left,
+--         tpm_left, rpd_left, in_flight}}, ...} ; a key that is not registered is left out.
+
+local now = now_ms()
+reap_leases(now)
+promote(now)
+
+local ids = {}
+if #ARGV > 1 then
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  ids = redis.call('SMEMBERS', K_ALL)
+  table.sort(ids)
+end
+
+local out = { n2s(now) }
+for i = 1, #ids do
+  local s = load(ids[i])
+  if s then
+    local at, why = available_at(s, now)
+    if at >= NEVER then at = -1 end
+    local raw = redis.call('HGETALL', key_hash(ids[i]))
+    local clean = {}
+    for j = 1, #raw, 2 do
+      if raw[j] ~= 'sealed' then clean[#clean + 1] = raw[j]; clean[#clean + 1] = raw[j + 1] end
+    end
+    out[#out + 1] = ids[i]
+    out[#out + 1] = clean
+    out[#out + 1] = { n2s(at), why,
+      budget_left(s.rpm, MINUTE, s.t_rpm, now),
+      budget_left(s.tpm, MINUTE, s.t_tpm, now),
+      budget_left(s.rpd, DAY, s.t_rpd, now),
+      redis.call('ZCARD', key_leases(ids[i])) }
+  end
+end
+return out
