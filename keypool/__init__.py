@@ -4,6 +4,7 @@ The pool's state lives in Redis and every decision is one atomic Lua script, so 
 processes behave like one. See :class:`KeyPool`.
 """
 
+from .aio import AsyncKeyPool
 from .classify import Failure, classify
 from .errors import (
     ConfigError,
@@ -14,7 +15,7 @@ from .errors import (
     UnknownKey,
 )
 from .kinds import ErrorKind
-from .lease import Lease
+from .lease import AsyncLease, Lease
 from .pool import KeyPool
 from .providers import LLMProvider, Provider
 from .seed import EnhancedAPIKeyManager
@@ -22,6 +23,8 @@ from .settings import KeyPoolSettings
 from .stats import KeyStats
 
 __all__ = [
+    "AsyncKeyPool",
+    "AsyncLease",
     "ConfigError",
     "EnhancedAPIKeyManager",
     "ErrorKind",

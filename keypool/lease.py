@@ -5,60 +5,51 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .classify import Failure, classify
+from .core import Picked, tokens_arg
 
 if TYPE_CHECKING:
+    from .aio import AsyncKeyPool
     from .pool import KeyPool
 
-__all__ = ["Lease"]
+__all__ = ["AsyncLease", "Lease"]
 
 
-class Lease:
-    """One key, leased for one call.
+class _LeaseBase:
+    __slots__ = ("_closed", "_picked", "_started")
 
-    Use it as a context manager (success on exit, failure on exception — re-raised), or
-    call :meth:`success` / :meth:`fail` yourself. The first report closes the lease; later
-    ones are no-ops. An unreported lease expires after the pool's lease TTL.
-    """
-
-    __slots__ = (
-        "_closed",
-        "_pool",
-        "_secret",
-        "_started",
-        "key_id",
-        "lease_id",
-        "model",
-        "provider",
-        "tokens",
-    )
-
-    def __init__(
-        self,
-        pool: KeyPool,
-        provider: str,
-        key_id: str,
-        secret: str,
-        model: str | None,
-        lease_id: str,
-        tokens: int,
-    ) -> None:
-        self._pool = pool
-        self.provider = provider
-        self.key_id = key_id
-        self._secret = secret
-        self.model = model
-        self.lease_id = lease_id
-        self.tokens = tokens
+    def __init__(self, picked: Picked) -> None:
+        self._picked = picked
         self._started = time.monotonic()
         self._closed = False
 
     @property
+    def provider(self) -> str:
+        return self._picked.provider
+
+    @property
+    def key_id(self) -> str:
+        return self._picked.key_id
+
+    @property
+    def model(self) -> str | None:
+        return self._picked.model
+
+    @property
+    def tokens(self) -> int:
+        """Tokens reserved at acquire (the estimate)."""
+        return self._picked.tokens
+
+    @property
+    def lease_id(self) -> str:
+        return self._picked.lease_id
+
+    @property
     def secret(self) -> str:
         """The API key itself. Never shown by ``repr`` or ``str``."""
-        return self._secret
+        return self._picked.secret
 
     @property
     def closed(self) -> bool:
@@ -68,27 +59,45 @@ class Lease:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return (
-            f"Lease(provider={self.provider!r}, key_id={self.key_id!r}, "
+            f"{type(self).__name__}(provider={self.provider!r}, key_id={self.key_id!r}, "
             f"model={self.model!r}, {state})"
         )
 
     __str__ = __repr__
+
+    def _success_args(self, tokens: int | None, latency: float | None) -> tuple[int | None, float]:
+        tokens = tokens_arg(tokens, allow_none=True)
+        if latency is None:
+            return tokens, time.monotonic() - self._started
+        if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
+            raise ValueError(f"invalid latency {latency!r}: expected seconds >= 0")
+        return tokens, float(latency)
+
+
+class Lease(_LeaseBase):
+    """One key, leased for one call.
+
+    Use it as a context manager (success on exit, failure on exception — re-raised), or
+    call :meth:`success` / :meth:`fail` yourself. The first report closes the lease; later
+    ones are no-ops. An unreported lease expires after the pool's lease TTL.
+    """
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: KeyPool, picked: Picked) -> None:
+        super().__init__(picked)
+        self._pool = pool
 
     def success(self, tokens: int | None = None, latency: float | None = None) -> None:
         """The call succeeded. ``tokens``: tokens actually used (reconciles the reservation);
         ``latency``: seconds the call took (default: the time since acquire)."""
         if self._closed:
             return
-        if tokens is not None and (
-            not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0
-        ):
-            raise ValueError(f"invalid tokens {tokens!r}: expected an int >= 0")
-        if latency is None:
-            latency = time.monotonic() - self._started
-        elif not isinstance(latency, int | float) or latency < 0:
-            raise ValueError(f"invalid latency {latency!r}: expected seconds >= 0")
+        tokens, seconds = self._success_args(tokens, latency)
         self._closed = True
-        self._pool._report(self, "success", tokens=tokens, latency=latency)
+        self._pool._drive(
+            self._pool._lease_report_flow(self._picked, "success", tokens=tokens, latency=seconds)
+        )
 
     def fail(
         self,
@@ -103,7 +112,9 @@ class Lease:
         failure = classify(error, retry_after=retry_after, headers=headers)
         if not self._closed:
             self._closed = True
-            self._pool._report(self, failure.kind.value, failure=failure)
+            self._pool._drive(
+                self._pool._lease_report_flow(self._picked, failure.kind.value, failure=failure)
+            )
         return failure
 
     def release(self) -> None:
@@ -111,14 +122,14 @@ class Lease:
         if self._closed:
             return
         self._closed = True
-        self._pool._report(self, "release")
+        self._pool._drive(self._pool._lease_report_flow(self._picked, "release"))
 
     def renew(self, ttl: float | None = None) -> bool:
         """Extend the lease (for long streams) by ``ttl`` seconds from now (default: the
-        pool's lease TTL). False when the lease has already expired or was reported."""
+        pool's lease TTL). False when it has already expired or was reported."""
         if self._closed:
             return False
-        return self._pool._renew(self, ttl)
+        return bool(self._pool._drive(self._pool._renew_flow(self._picked, ttl)))
 
     def __enter__(self) -> Lease:
         return self
@@ -133,8 +144,70 @@ class Lease:
             self.success()
         elif isinstance(exc, Exception):
             self.fail(exc)
-        else:  # KeyboardInterrupt, CancelledError, GeneratorExit: not the key's fault
+        else:  # KeyboardInterrupt, GeneratorExit: not the key's fault
             self.release()
 
-    def _as_dict(self) -> dict[str, Any]:
-        return {"provider": self.provider, "key_id": self.key_id, "model": self.model}
+
+class AsyncLease(_LeaseBase):
+    """The asyncio twin of :class:`Lease`: ``await lease.success()``, ``async with``."""
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: AsyncKeyPool, picked: Picked) -> None:
+        super().__init__(picked)
+        self._pool = pool
+
+    async def success(self, tokens: int | None = None, latency: float | None = None) -> None:
+        """See :meth:`Lease.success`."""
+        if self._closed:
+            return
+        tokens, seconds = self._success_args(tokens, latency)
+        self._closed = True
+        await self._pool._adrive(
+            self._pool._lease_report_flow(self._picked, "success", tokens=tokens, latency=seconds)
+        )
+
+    async def fail(
+        self,
+        error: object,
+        *,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Failure:
+        """See :meth:`Lease.fail`."""
+        failure = classify(error, retry_after=retry_after, headers=headers)
+        if not self._closed:
+            self._closed = True
+            await self._pool._adrive(
+                self._pool._lease_report_flow(self._picked, failure.kind.value, failure=failure)
+            )
+        return failure
+
+    async def release(self) -> None:
+        """See :meth:`Lease.release`."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._pool._adrive(self._pool._lease_report_flow(self._picked, "release"))
+
+    async def renew(self, ttl: float | None = None) -> bool:
+        """See :meth:`Lease.renew`."""
+        if self._closed:
+            return False
+        return bool(await self._pool._adrive(self._pool._renew_flow(self._picked, ttl)))
+
+    async def __aenter__(self) -> AsyncLease:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.success()
+        elif isinstance(exc, Exception):
+            await self.fail(exc)
+        else:  # CancelledError, KeyboardInterrupt: not the key's fault
+            await self.release()

@@ -50,7 +50,9 @@ class EnhancedAPIKeyManager:
         self, provider: object | None, model: str | None, strategy: str
     ) -> tuple[str | None, str | None]:
         try:
-            picked = self.pool._acquire(provider, model, strategy, 0, None, lease=False)
+            picked = self.pool._drive(
+                self.pool._acquire_flow(provider, model, strategy, 0, None, False)
+            )
         except NoKeyAvailable:
             return None, None
         return picked.key_id, picked.secret

@@ -13,7 +13,7 @@ from redis.retry import Retry
 
 from .errors import ConfigError
 
-__all__ = ["StoreSpec", "open_store", "parse_url", "redact_url"]
+__all__ = ["StoreSpec", "open_store", "open_store_async", "parse_url", "redact_url"]
 
 _SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 _memory_servers: dict[str, Any] = {}
@@ -119,7 +119,7 @@ def parse_url(url: str) -> StoreSpec:
     )
 
 
-def _memory_client(name: str) -> Any:
+def _memory_server(name: str) -> Any:
     import fakeredis
 
     with _memory_lock:
@@ -127,7 +127,13 @@ def _memory_client(name: str) -> Any:
         if server is None:
             server = fakeredis.FakeServer()
             _memory_servers[name] = server
-    return fakeredis.FakeRedis(server=server, decode_responses=True)
+    return server
+
+
+def _memory_client(name: str) -> Any:
+    import fakeredis
+
+    return fakeredis.FakeRedis(server=_memory_server(name), decode_responses=True)
 
 
 def open_store(url: str, *, socket_timeout: float, connect_timeout: float) -> Any:
@@ -167,5 +173,57 @@ def open_store(url: str, *, socket_timeout: float, connect_timeout: float) -> An
         **common,
     )
     return sentinel.master_for(  # type: ignore[no-untyped-call]
+        spec.service, db=spec.db, username=spec.username, password=spec.password, retry=retry
+    )
+
+
+def open_store_async(url: str, *, socket_timeout: float, connect_timeout: float) -> Any:
+    """The ``redis.asyncio`` twin of :func:`open_store` (same stores, same state)."""
+    spec = parse_url(url)
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+    }
+    if spec.kind == "memory":
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(
+            server=_memory_server(spec.name), decode_responses=True, max_connections=1_000_000
+        )
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    retry = AsyncRetry(NoBackoff(), 1)
+    if spec.kind in ("redis", "rediss", "unix"):
+        # Many tasks share a bounded set of connections: a task waits for a free one (up to
+        # the socket timeout) rather than failing when a burst exceeds the pool.
+        blocking = aredis.BlockingConnectionPool.from_url(
+            spec.url, max_connections=64, timeout=socket_timeout, retry=retry, **common
+        )
+        return aredis.Redis(connection_pool=blocking)
+    if spec.kind == "redis+cluster":
+        from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+        from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+        return AsyncRedisCluster(
+            startup_nodes=[AsyncClusterNode(h, p) for h, p in spec.hosts],
+            username=spec.username,
+            password=spec.password,
+            **common,
+        )
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    query = parse_qs(urlsplit(spec.url).query)
+    sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
+        list(spec.hosts),
+        sentinel_kwargs={
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "password": query.get("sentinel_password", [None])[0],
+        },
+        **common,
+    )
+    return sentinel.master_for(
         spec.service, db=spec.db, username=spec.username, password=spec.password, retry=retry
     )

@@ -1,0 +1,330 @@
+"""AsyncKeyPool: the asyncio facade on ``redis.asyncio``, the same scripts and state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .classify import Failure
+from .core import (
+    Cmd,
+    CmdMany,
+    Flow,
+    Picked,
+    PoolCore,
+    Run,
+    RunMany,
+    Sleep,
+    call_plan,
+    earlier,
+    max_attempts_arg,
+    spent,
+)
+from .errors import NoKeyAvailable
+from .kinds import ErrorKind
+from .lease import AsyncLease
+from .settings import KeyPoolSettings
+from .stats import KeyStats
+from .store import open_store_async
+
+__all__ = ["AcquireContext", "AsyncKeyPool"]
+
+T = TypeVar("T")
+
+
+class AcquireContext:
+    """What :meth:`AsyncKeyPool.acquire` returns: await it for an :class:`AsyncLease`, or
+    use it directly as ``async with pool.acquire(...) as lease:``."""
+
+    __slots__ = ("_flow", "_lease", "_pool")
+
+    def __init__(self, pool: AsyncKeyPool, flow: Flow) -> None:
+        self._pool = pool
+        self._flow = flow
+        self._lease: AsyncLease | None = None
+
+    async def _get(self) -> AsyncLease:
+        if self._lease is None:
+            picked: Picked = await self._pool._adrive(self._flow)
+            self._lease = AsyncLease(self._pool, picked)
+        return self._lease
+
+    def __await__(self) -> Generator[Any, None, AsyncLease]:
+        return self._get().__await__()
+
+    async def __aenter__(self) -> AsyncLease:
+        return await self._get()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._lease is not None:
+            await self._lease.__aexit__(exc_type, exc, tb)
+
+
+class AsyncKeyPool(PoolCore):
+    """The asyncio twin of :class:`KeyPool`: every method is ``async def`` (``acquire`` is
+    awaitable and an async context manager). Same store, same scripts, same state: sync and
+    async processes share one pool."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        settings: KeyPoolSettings | None = None,
+    ) -> None:
+        super().__init__(url, namespace=namespace, settings=settings)
+        self._client = open_store_async(
+            self.settings.redis_url,
+            socket_timeout=self.settings.socket_timeout,
+            connect_timeout=self.settings.connect_timeout,
+        )
+
+    # ------------------------------------------------------------------ running flows
+
+    async def _execute(self, op: Any) -> Any:
+        client = self._client
+        if type(op) is Run:
+            space = self._space(op.provider)
+            return await op.script.call_async(client, space.keys, [space.prefix, *op.args])
+        if type(op) is Sleep:
+            await asyncio.sleep(op.seconds)
+            return None
+        if type(op) is Cmd:
+            return await getattr(client, op.name)(*op.args)
+        if type(op) is CmdMany:
+            pipe = client.pipeline(transaction=False)
+            for name, args in op.cmds:
+                getattr(pipe, name)(*args)
+            return await pipe.execute()
+        if type(op) is RunMany:
+            await client.script_load(op.script.source)
+            pipe = client.pipeline(transaction=False)
+            for provider, argv in op.calls:
+                space = self._space(provider)
+                keys = space.keys
+                pipe.evalsha(op.script.sha, len(keys), *keys, space.prefix, *argv)
+            return await pipe.execute()
+        raise TypeError(f"unknown operation {op!r}")
+
+    async def _adrive(self, flow: Flow) -> Any:
+        reply: Any = None
+        try:
+            while True:
+                op = flow.send(reply)
+                try:
+                    reply = await self._execute(op)
+                except Exception as exc:
+                    translated = self._translate(exc)
+                    if translated is exc:
+                        raise
+                    raise translated from None
+        except StopIteration as stop:
+            return stop.value
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    async def from_env(
+        cls,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        settings: KeyPoolSettings | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> AsyncKeyPool:
+        """A pool with every key found in the environment registered."""
+        pool = cls(url, namespace=namespace, settings=settings)
+        await pool.load_env(environ)
+        return pool
+
+    async def load_env(self, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+        """See :meth:`KeyPool.load_env`."""
+        entries, found = self._load_env_entries(environ)
+        await self.add_keys(entries)
+        return found
+
+    async def close(self) -> None:
+        """Close the connections to the store."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncKeyPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ registration
+
+    async def add_key(
+        self,
+        provider: object,
+        key_id: str,
+        secret: str,
+        *,
+        weight: float = 1.0,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        rpd: int | None = None,
+        max_concurrency: int | None = None,
+        models: Iterable[str] | str = (),
+    ) -> None:
+        """See :meth:`KeyPool.add_key`."""
+        await self._adrive(
+            self._add_keys_flow(
+                [(provider, key_id, secret)], weight, rpm, tpm, rpd, max_concurrency, models
+            )
+        )
+
+    async def add_keys(
+        self,
+        entries: Iterable[tuple[object, str, str]],
+        *,
+        weight: float = 1.0,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        rpd: int | None = None,
+        max_concurrency: int | None = None,
+        models: Iterable[str] | str = (),
+    ) -> int:
+        """See :meth:`KeyPool.add_keys`."""
+        return int(
+            await self._adrive(
+                self._add_keys_flow(entries, weight, rpm, tpm, rpd, max_concurrency, models)
+            )
+        )
+
+    async def remove_key(self, provider: object, key_id: str) -> None:
+        """See :meth:`KeyPool.remove_key`."""
+        await self._adrive(self._remove_flow(provider, key_id))
+
+    async def assign_model(self, model: str, provider: object, key_id: str) -> None:
+        """See :meth:`KeyPool.assign_model`."""
+        await self._adrive(self._assign_flow(model, provider, key_id, True))
+
+    async def unassign_model(self, model: str, provider: object, key_id: str) -> None:
+        """See :meth:`KeyPool.unassign_model`."""
+        await self._adrive(self._assign_flow(model, provider, key_id, False))
+
+    async def disable_key(self, provider: object, key_id: str, reason: str = "") -> None:
+        """See :meth:`KeyPool.disable_key`."""
+        await self._adrive(self._disable_flow(provider, key_id, reason))
+
+    async def enable_key(self, provider: object, key_id: str) -> None:
+        """See :meth:`KeyPool.enable_key`."""
+        await self._adrive(self._enable_flow(provider, key_id))
+
+    async def reset_key(self, provider: object, key_id: str) -> None:
+        """See :meth:`KeyPool.reset_key`."""
+        await self._adrive(self._reset_flow(provider, key_id))
+
+    # ------------------------------------------------------------------ reading state
+
+    async def stats(self, provider: object, key_id: str) -> KeyStats:
+        """See :meth:`KeyPool.stats`."""
+        result: KeyStats = await self._adrive(self._stats_flow(provider, key_id))
+        return result
+
+    async def snapshot(self, provider: object | None = None) -> list[KeyStats]:
+        """See :meth:`KeyPool.snapshot`."""
+        result: list[KeyStats] = await self._adrive(self._snapshot_flow(provider))
+        return result
+
+    async def providers(self) -> list[str]:
+        """See :meth:`KeyPool.providers`."""
+        result: list[str] = await self._adrive(self._providers_flow())
+        return result
+
+    # ------------------------------------------------------------------ acquiring
+
+    def acquire(
+        self,
+        provider: object | None = None,
+        *,
+        model: str | None = None,
+        strategy: str | None = None,
+        tokens: int = 0,
+        wait: float | None = None,
+    ) -> AcquireContext:
+        """See :meth:`KeyPool.acquire`. ``lease = await pool.acquire(...)`` or
+        ``async with pool.acquire(...) as lease:``."""
+        return AcquireContext(
+            self, self._acquire_flow(provider, model, strategy, tokens, wait, True)
+        )
+
+    async def mark_success(
+        self,
+        provider: object,
+        key_id: str,
+        *,
+        tokens: int | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """See :meth:`KeyPool.mark_success`."""
+        await self._adrive(self._mark_success_flow(provider, key_id, tokens, latency))
+
+    async def mark_failure(
+        self,
+        provider: object,
+        key_id: str,
+        error: object,
+        *,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Failure:
+        """See :meth:`KeyPool.mark_failure`."""
+        result: Failure = await self._adrive(
+            self._mark_failure_flow(provider, key_id, error, retry_after, headers)
+        )
+        return result
+
+    async def call(
+        self,
+        fn: Callable[[AsyncLease], Awaitable[T]],
+        provider: object | None = None,
+        *,
+        model: str | None = None,
+        fallbacks: Sequence[object] = (),
+        max_attempts: int = 3,
+        wait: float | None = None,
+        strategy: str | None = None,
+        tokens: int = 0,
+    ) -> T:
+        """See :meth:`KeyPool.call`; ``fn`` is an async function of the lease."""
+        attempts = max_attempts_arg(max_attempts)
+        plan = call_plan(provider, model, fallbacks)
+        last_error: Exception | None = None
+        no_key: NoKeyAvailable | None = None
+        ended_without_key = False
+        for target, target_model in plan:
+            avoid: tuple[str, str] | None = None
+            ended_without_key = False
+            for _ in range(attempts):
+                try:
+                    picked: Picked = await self._adrive(
+                        self._acquire_flow(
+                            target, target_model, strategy, tokens, wait, True, avoid
+                        )
+                    )
+                except NoKeyAvailable as exc:
+                    no_key = earlier(no_key, exc)
+                    ended_without_key = True
+                    break
+                lease = AsyncLease(self, picked)
+                try:
+                    result = await fn(lease)
+                except Exception as exc:
+                    if (await lease.fail(exc)).kind is ErrorKind.BAD_REQUEST:
+                        raise
+                    last_error = exc
+                    avoid = (picked.provider, picked.key_id)
+                    continue
+                await lease.success()
+                return result
+        raise spent(last_error, no_key, ended_without_key)
