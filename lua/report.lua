@@ -77,7 +77,7 @@ if outcome == 'success' or outcome == 'release' then
     if latency then
       local n = tonumber(redis.call('HINCRBY', h, 'lat_n', 1))
       if n == 1 then s.lat = latency else s.lat = s.lat * 0.8 + latency * 0.2 end
-      set('lat', n2s(math.floor(s.lat * 1000 + 0.5) / 1000))
+      set('lat', string.format('%.3f', s.lat))
     end
     set('last_ok', n2s(math.floor(now)))
   elseif s.circ == 'half' then
