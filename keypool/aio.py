@@ -325,6 +325,9 @@ class AsyncKeyPool(PoolCore):
                     last_error = exc
                     avoid = (picked.provider, picked.key_id)
                     continue
+                except BaseException:  # cancelled: not the key's fault
+                    await lease.release()
+                    raise
                 await lease.success()
                 return result
         raise spent(last_error, no_key, ended_without_key)

@@ -531,7 +531,7 @@ class PoolCore:
             why = "no_keys"
             for candidate in candidates:
                 result = yield from self._acquire_once_flow(
-                    candidate, model, strategy, tokens, lease, avoid
+                    candidate, model, strategy, tokens, lease, avoid, name is None
                 )
                 if isinstance(result, Picked):
                     return result
@@ -567,6 +567,7 @@ class PoolCore:
         tokens: int,
         lease: bool,
         avoid: tuple[str, str] | None,
+        model_only: bool = False,
     ) -> Flow:
         lease_id = _random.token_hex(8) if lease else ""
         args = [
@@ -577,6 +578,7 @@ class PoolCore:
             model or "",
             avoid[1] if avoid is not None and avoid[0] == provider else "",
             "",
+            "1" if model_only else "",
         ]
         for _attempt in range(3):
             args[6] = self._epochs.get(provider, "")
@@ -669,6 +671,8 @@ class PoolCore:
             yield from self._reregister_flow(provider)
             reply = yield Run(scripts.REPORT, provider, args)
         if reply[0] == "UNKNOWN":
+            if lease_id:
+                return None  # the key was removed while the call was in flight
             raise UnknownKey(f"no key {key_id!r} for provider {provider!r}")
         event = reply[1]
         if event:

@@ -311,6 +311,9 @@ class KeyPool(PoolCore):
                     last_error = exc
                     avoid = (picked.provider, picked.key_id)
                     continue
+                except BaseException:  # interrupted: not the key's fault
+                    lease.release()
+                    raise
                 lease.success()
                 return result
         raise spent(last_error, no_key, ended_without_key)

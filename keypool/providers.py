@@ -41,7 +41,10 @@ def normalize_provider(provider: object) -> str:
     if isinstance(provider, Provider):
         return provider.value
     if not isinstance(provider, str):
-        raise TypeError(f"provider must be a Provider or a str, not {type(provider).__name__}")
+        raise TypeError(
+            f"invalid provider {provider!r}: expected a Provider or a str, "
+            f"not {type(provider).__name__}"
+        )
     if not PROVIDER_RE.fullmatch(provider):
         raise ValueError(
             f"invalid provider {provider!r}: expected a Provider or a name matching "
@@ -53,7 +56,7 @@ def normalize_provider(provider: object) -> str:
 def validate_key_id(key_id: object) -> str:
     """Return ``key_id`` if it is a valid key id, else raise ``ValueError``/``TypeError``."""
     if not isinstance(key_id, str):
-        raise TypeError(f"key_id must be a str, not {type(key_id).__name__}")
+        raise TypeError(f"invalid key_id {key_id!r}: expected a str, not {type(key_id).__name__}")
     if not KEY_ID_RE.fullmatch(key_id):
         raise ValueError(
             f"invalid key_id {key_id!r}: expected 1-64 characters matching "
@@ -65,7 +68,7 @@ def validate_key_id(key_id: object) -> str:
 def validate_model(model: object) -> str:
     """Return ``model`` if it is a valid model name, else raise ``ValueError``/``TypeError``."""
     if not isinstance(model, str):
-        raise TypeError(f"model must be a str, not {type(model).__name__}")
+        raise TypeError(f"invalid model {model!r}: expected a str, not {type(model).__name__}")
     if not model or len(model) > MODEL_MAX_LEN:
         shown = model if len(model) <= 80 else model[:77] + "..."
         raise ValueError(

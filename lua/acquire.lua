@@ -10,10 +10,12 @@
 --          served only by them
 -- ARGV[7]  key id to avoid while another key is available ('' for none)
 -- ARGV[8]  the pool epoch this process registered its keys under ('' to skip the check)
+-- ARGV[9]  '1' when only the model's keys may serve even if it has none here (the provider
+--          was found through the model), '' otherwise
 --
 -- Reply:
 --   {'OK', key_id, fingerprint, sealed_secret_or_empty, now_ms}
---   {'NONE', retry_after_ms_or_-1, why}   no key can serve it now; -1 = none ever will
+--   {'NONE', retry_after_ms (-1 = no key ever will), why}
 --   {'LOST', current_epoch_or_empty}      the pool's state is gone or was re-created:
 --                                         re-register and call again
 
@@ -24,17 +26,16 @@ local lease_id = ARGV[5]
 local model = ARGV[6]
 local avoid = ARGV[7]
 local want_epoch = ARGV[8]
+local model_only = ARGV[9] == '1'
 
 local zi = STRATEGY_INDEX[strategy]
 if not zi then return redis.error_reply('ERR keypool: unknown strategy ' .. strategy) end
-local zset = KEYS[zi]
-
-local epoch = redis.call('HGET', K_META, 'epoch')
-if want_epoch ~= '' and epoch ~= want_epoch then return { 'LOST', epoch or '' } end
+if want_epoch ~= '' and EPOCH ~= want_epoch then return { 'LOST', EPOCH or '' } end
 
 local now = now_ms()
-reap_leases(now)
-promote(now)
+housekeeping(now)
+ensure_strategy(zi)
+local zset = STRATEGY_ZSETS[zi]
 
 local earliest = NEVER   -- earliest time a skipped key could take this request
 local why_none = 'no_keys'
@@ -47,7 +48,7 @@ local function admits(s)
   local at = math.max(rpm_at, rpd_at, tpm_at)
   if at <= now then return true end
   if rpm_at > now or rpd_at > now or budget_at(s.tpm, MINUTE, s.t_tpm, 0) > now then
-    place(s, now)   -- spent for every request: out of the rotation until it refills
+    replace(s, now)   -- spent for every request: out of the rotation until it refills
   end
   if at < earliest then earliest = at end
   why_none = 'budget'
@@ -55,36 +56,36 @@ local function admits(s)
 end
 
 local function take(s)
-  local h = key_hash(s.id)
   s.t_rpm = budget_charge(s.rpm, MINUTE, s.t_rpm, 1, now)
   s.t_rpd = budget_charge(s.rpd, DAY, s.t_rpd, 1, now)
   s.t_tpm = budget_charge(s.tpm, MINUTE, s.t_tpm, tokens, now)
-  s.pass = s.pass + 1
+  -- Round-robin is least-recently-served order: exact rotation, ties impossible because
+  -- each script runs at its own TIME.
+  s.pass = math.max(now - EPOCH_MS, s.pass + 0.001)
   s.wpass = s.wpass + 1 / math.max(s.weight, 1e-6)
   s.total = s.total + 1
-  local fields = { 'total', n2s(s.total), 'last_used', n2s(math.floor(now)),
-    'pass', n2s(s.pass), 'wpass', n2s(s.wpass) }
-  if s.rpm > 0 then fields[#fields + 1] = 't_rpm'; fields[#fields + 1] = n2s(s.t_rpm) end
-  if s.rpd > 0 then fields[#fields + 1] = 't_rpd'; fields[#fields + 1] = n2s(s.t_rpd) end
-  if s.tpm > 0 then fields[#fields + 1] = 't_tpm'; fields[#fields + 1] = n2s(s.t_tpm) end
+  local f = { 'total', s.total, 'last_used', math.floor(now), 'pass', s.pass, 'wpass', s.wpass }
+  if s.rpm > 0 then f[#f + 1] = 't_rpm'; f[#f + 1] = s.t_rpm end
+  if s.rpd > 0 then f[#f + 1] = 't_rpd'; f[#f + 1] = s.t_rpd end
+  if s.tpm > 0 then f[#f + 1] = 't_tpm'; f[#f + 1] = s.t_tpm end
   if ttl > 0 then
     local expiry = now + ttl
     redis.call('ZADD', K_LEASES, expiry, s.id .. '/' .. lease_id)
-    redis.call('ZADD', key_leases(s.id), expiry, lease_id)
-    s.inflight = redis.call('ZCARD', key_leases(s.id))
-    fields[#fields + 1] = 'inflight'; fields[#fields + 1] = s.inflight
+    if s.maxc > 0 then redis.call('ZADD', key_leases(s.id), expiry, lease_id) end
+    note_due(expiry)
+    s.inflight = s.inflight + 1
+    f[#f + 1] = 'inflight'; f[#f + 1] = s.inflight
   end
   if s.circ == 'open' or s.circ == 'half' then
     -- The circuit's cooldown is over: this request is its one probe.
     s.circ = 'half'
     s.probe_until = now + (ttl > 0 and ttl or 60000)
-    fields[#fields + 1] = 'circ'; fields[#fields + 1] = 'half'
-    fields[#fields + 1] = 'probe_until'; fields[#fields + 1] = n2s(s.probe_until)
+    f[#f + 1] = 'circ'; f[#f + 1] = 'half'
+    f[#f + 1] = 'probe_until'; f[#f + 1] = s.probe_until
   end
-  redis.call('HSET', h, unpack(fields))
-  place(s, now)
-  local sealed = redis.call('HGET', h, 'sealed') or ''
-  return { 'OK', s.id, s.fp, sealed, n2s(now) }
+  place(s, now, f, 'all')
+  flush(s.id, f)
+  return { 'OK', s.id, s.fp, s.sealed, math.floor(now) }
 end
 
 local fallback = nil   -- the avoided key, when it is the only one that could serve
@@ -92,7 +93,7 @@ local fallback = nil   -- the avoided key, when it is the only one that could se
 local function consider(id)
   local s = load(id)
   if not s then
-    for i = 1, 5 do redis.call('ZREM', STRATEGY_ZSETS[i], id) end
+    for j = 1, #ACTIVE do redis.call('ZREM', STRATEGY_ZSETS[ACTIVE[j]], id) end
     return nil
   end
   if not admits(s) then return nil end
@@ -103,13 +104,30 @@ local function consider(id)
   return s
 end
 
+local function none()
+  if earliest >= NEVER then
+    if why_none == 'no_keys' and redis.call('SCARD', K_ALL) > 0 then why_none = 'disabled' end
+    return { 'NONE', -1, why_none }
+  end
+  return { 'NONE', math.ceil(math.max(0, earliest - now)), why_none }
+end
+
+-- The earliest moment a waiting key could take this request (exact for its size).
+local function consider_waiting(id, wait_score)
+  local s = load(id)
+  if not s then return end
+  local at = math.max(wait_score, budget_at(s.tpm, MINUTE, s.t_tpm, tokens))
+  if at < earliest then earliest = at end
+  why_none = 'cooling'
+end
+
 if model ~= '' then
   local members = redis.call('SMEMBERS', model_set(model))
   if #members > 0 then
     local ranked = {}
     for i = 1, #members do
-      local score = redis.call('ZSCORE', zset, members[i])
-      if score then ranked[#ranked + 1] = { tonumber(score), members[i] } end
+      local sc = redis.call('ZSCORE', zset, members[i])
+      if sc then ranked[#ranked + 1] = { tonumber(sc), members[i] } end
     end
     table.sort(ranked, function(a, b)
       if a[1] ~= b[1] then return a[1] < b[1] end
@@ -120,55 +138,37 @@ if model ~= '' then
       if s then return take(s) end
     end
     if fallback then return take(fallback) end
-    -- Nothing available now: the earliest of the model's keys in `wait` decides.
     for i = 1, #members do
-      local score = redis.call('ZSCORE', K_WAIT, members[i])
-      if score then
-        local s = load(members[i])
-        if s then
-          local at = math.max(tonumber(score), budget_at(s.tpm, MINUTE, s.t_tpm, tokens))
-          if at < earliest then earliest = at end
-          why_none = 'cooling'
-        end
-      end
+      local sc = redis.call('ZSCORE', K_WAIT, members[i])
+      if sc then consider_waiting(members[i], tonumber(sc)) end
     end
-    if earliest >= NEVER then return { 'NONE', '-1', why_none } end
-    return { 'NONE', n2s(math.max(0, earliest - now)), why_none }
+    return none()
+  elseif model_only then
+    return { 'NONE', -1, 'no_keys' }
   end
 end
 
 -- The whole provider: walk the strategy's order; parked keys leave it, so this is short.
-local start = 0
-local scanned = 0
+local start, scanned = 0, 0
 while scanned < 512 do
-  local batch = redis.call('ZRANGE', zset, start, start + 15)
+  local batch = redis.call('ZRANGE', zset, start, start + 3)
   if #batch == 0 then break end
-  local parked_before = redis.call('ZCARD', zset)
+  local parked = 0
   for i = 1, #batch do
     local s = consider(batch[i])
     if s then return take(s) end
+    if not redis.call('ZSCORE', zset, batch[i]) then parked = parked + 1 end
   end
   scanned = scanned + #batch
   -- keys parked by `admits` left the set: continue from where the survivors end
-  start = start + #batch - (parked_before - redis.call('ZCARD', zset))
+  start = start + #batch - parked
 end
 if fallback then return take(fallback) end
 
--- Nothing available now: the earliest key in `wait` decides (exact for this request size).
 local waiting = redis.call('ZRANGE', K_WAIT, 0, 63, 'WITHSCORES')
 for i = 1, #waiting, 2 do
-  local score = tonumber(waiting[i + 1])
-  if score >= earliest then break end
-  local s = load(waiting[i])
-  if s then
-    local at = math.max(score, budget_at(s.tpm, MINUTE, s.t_tpm, tokens))
-    if at < earliest then earliest = at end
-    why_none = 'cooling'
-  end
+  local sc = tonumber(waiting[i + 1])
+  if sc >= earliest then break end
+  consider_waiting(waiting[i], sc)
 end
-if earliest >= NEVER then
-  if redis.call('SCARD', K_ALL) == 0 then why_none = 'no_keys'
-  elseif why_none == 'no_keys' then why_none = 'disabled' end
-  return { 'NONE', '-1', why_none }
-end
-return { 'NONE', n2s(math.max(0, earliest - now)), why_none }
+return none()

@@ -33,14 +33,17 @@ elseif action == 'reset' then
     'bad_request', 'other' }
   for i = 1, #kinds do redis.call('HDEL', h, 'e:' .. kinds[i]) end
   redis.call('HDEL', h, 'until', 'why', 't_rpm', 't_tpm', 't_rpd', 'last_error',
-    'last_error_at', 'lat', 'lat_n', 'rl_strikes', 'opens', 'circ', 'probe_until')
-  redis.call('HSET', h, 'total', '0', 'ok', '0', 'err', '0', 'consec', '0', 'tokens', '0')
+    'last_error_at', 'lat', 'lat_n', 'rl_strikes', 'opens', 'circ', 'probe_until', 'last_ok')
+  redis.call('HSET', h, 'total', 0, 'ok', 0, 'err', 0, 'consec', 0, 'tokens', 0)
 elseif action == 'remove' then
   for i = 1, 5 do redis.call('ZREM', STRATEGY_ZSETS[i], id) end
   redis.call('ZREM', K_WAIT, id)
   redis.call('SREM', K_ALL, id)
-  local leases = redis.call('ZRANGE', key_leases(id), 0, -1)
-  for i = 1, #leases do redis.call('ZREM', K_LEASES, id .. '/' .. leases[i]) end
+  local mine = id .. '/'
+  local leases = redis.call('ZRANGE', K_LEASES, 0, -1)
+  for i = 1, #leases do
+    if string.sub(leases[i], 1, #mine) == mine then redis.call('ZREM', K_LEASES, leases[i]) end
+  end
   local models = cjson.decode(redis.call('HGET', h, 'models') or '[]')
   for i = 1, #models do redis.call('SREM', model_set(models[i]), id) end
   redis.call('DEL', h, key_leases(id))
@@ -71,10 +74,11 @@ elseif action == 'renew' then
   if not redis.call('ZSCORE', K_LEASES, member) then return { 'OK', 0 } end
   local expiry = now + tonumber(ARGV[5])
   redis.call('ZADD', K_LEASES, expiry, member)
-  redis.call('ZADD', key_leases(id), expiry, arg)
+  if redis.call('HGET', h, 'maxc') ~= '0' then redis.call('ZADD', key_leases(id), expiry, arg) end
+  note_due(expiry)
 else
   return redis.error_reply('ERR keypool: unknown admin action ' .. action)
 end
 
-place(load(id), now)
+replace(load(id), now)
 return { 'OK', changed }

@@ -3,31 +3,35 @@
 --
 -- Every script receives the same nine provider-level keys, all under one hash tag
 -- "<ns>:{<provider>}:" so that they live in one cluster slot:
---   KEYS[1] meta    hash  epoch, created
+--   KEYS[1] meta    hash  epoch, created, zs (strategy sets kept up to date), due (ms of
+--                         the next expected lease expiry or cooldown end: housekeeping)
 --   KEYS[2] all     set   every registered key id
 --   KEYS[3] wait    zset  key ids that are unavailable for now; score = ms when to look again
 --   KEYS[4] leases  zset  "<key_id>/<lease_id>"; score = expiry, ms
---   KEYS[5] rr      zset  available key ids; score = rotation pass       (round_robin)
+--   KEYS[5] rr      zset  available key ids; score = when last served    (round_robin)
 --   KEYS[6] wrr     zset  available key ids; score = weighted pass       (weighted)
 --   KEYS[7] best    zset  available key ids; score = errors, then usage  (best)
---   KEYS[8] busy    zset  available key ids; score = in-flight, then pass (least_busy)
---   KEYS[9] lat     zset  available key ids; score = latency, then pass  (latency)
+--   KEYS[8] busy    zset  available key ids; score = in-flight, then last served (least_busy)
+--   KEYS[9] lat     zset  available key ids; score = latency ms, then last served (latency)
+-- The rr set is always kept; the other four are built the first time their strategy is
+-- used and kept from then on (meta `zs` lists them), so unused strategies cost nothing.
 -- ARGV[1] is the same prefix "<ns>:{<provider>}:"; per-key names derive from it (same slot):
 --   <prefix>k:<key_id>   hash  the key's configuration and state
---   <prefix>kl:<key_id>  zset  the key's open leases; score = expiry, ms
+--   <prefix>kl:<key_id>  zset  the key's open leases (only for keys with max_concurrency)
 --   <prefix>m:<model>    set   key ids assigned to a model
--- All time is Redis TIME, in milliseconds.
+-- A key hash's `loc` says where the key is: 'r' in the strategy sets, 'w' in wait,
+-- '' nowhere (disabled). All time is Redis TIME, in milliseconds.
 
 local K_META, K_ALL, K_WAIT, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_RR, K_WRR, K_BEST, K_BUSY, K_LAT = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local STRATEGY_ZSETS = { K_RR, K_WRR, K_BEST, K_BUSY, K_LAT }
-local STRATEGY_INDEX = { round_robin = 5, weighted = 6, best = 7, least_busy = 8, latency = 9 }
+local STRATEGY_ZSETS = { KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9] }
+local K_RR = KEYS[5]
+local STRATEGY_INDEX = { round_robin = 1, weighted = 2, best = 3, least_busy = 4, latency = 5 }
 local PREFIX = ARGV[1]
 
 local NEVER = 1e300
 local MINUTE, DAY = 60000, 86400000
 local HI = 1099511627776   -- 2^40: separates a score's primary part from its tie-breaker
-local LO = 1048576         -- 2^20
+local EPOCH_MS = 1704067200000  -- 2024-01-01: `pass` (last served) counts ms from here
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -38,20 +42,35 @@ local function key_hash(id) return PREFIX .. 'k:' .. id end
 local function key_leases(id) return PREFIX .. 'kl:' .. id end
 local function model_set(model) return PREFIX .. 'm:' .. model end
 
--- Numbers written to hashes: integers plainly, fractions with enough digits.
-local function n2s(x)
-  if x == math.floor(x) and x > -1e15 and x < 1e15 then return string.format('%d', x) end
-  return string.format('%.17g', x)
-end
-
 local function num(v, default)
   if v == false or v == nil or v == '' then return default end
   return tonumber(v) or default
 end
 
+-- The pool's meta state, read once per script.
+local META = redis.call('HMGET', K_META, 'epoch', 'zs', 'due')
+local EPOCH = META[1]
+local ACTIVE = { 1 }            -- indexes into STRATEGY_ZSETS kept up to date
+local ACTIVE_SET = { [1] = true }
+if META[2] then
+  for i in string.gmatch(META[2], '%d') do
+    local n = tonumber(i)
+    if not ACTIVE_SET[n] then ACTIVE[#ACTIVE + 1] = n; ACTIVE_SET[n] = true end
+  end
+end
+local DUE = num(META[3], NEVER)
+
+-- Remember the earliest time housekeeping has work to do.
+local function note_due(at)
+  if at < DUE then
+    DUE = at
+    redis.call('HSET', K_META, 'due', at)
+  end
+end
+
 local FIELDS = { 'en', 'until', 'why', 'rpm', 'tpm', 'rpd', 't_rpm', 't_tpm', 't_rpd',
   'maxc', 'inflight', 'circ', 'probe_until', 'pass', 'wpass', 'consec', 'total', 'lat',
-  'weight', 'fp' }
+  'weight', 'fp', 'loc', 'ok', 'err', 'sealed', 'lat_n', 'tokens', 'rl_strikes', 'opens' }
 
 -- The key's state as a table, or nil when the key is not registered.
 local function load(id)
@@ -64,7 +83,10 @@ local function load(id)
     maxc = num(v[10], 0), inflight = num(v[11], 0), circ = v[12] or '',
     probe_until = num(v[13], 0), pass = num(v[14], 0), wpass = num(v[15], 0),
     consec = num(v[16], 0), total = num(v[17], 0), lat = num(v[18], 0),
-    weight = num(v[19], 1), fp = v[20] or '',
+    weight = num(v[19], 1), fp = v[20] or '', loc = v[21] or '',
+    ok = num(v[22], 0), err = num(v[23], 0), sealed = v[24] or '',
+    lat_n = num(v[25], 0), tokens = num(v[26], 0), rl_strikes = num(v[27], 0),
+    opens = num(v[28], 0),
   }
 end
 
@@ -92,6 +114,8 @@ end
 -- When the key's earliest own lease expires (for a key full of leases).
 local function first_lease_expiry(id)
   local first = redis.call('ZRANGE', key_leases(id), 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) end
+  first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
   if first[2] then return tonumber(first[2]) end
   return 0
 end
@@ -125,80 +149,132 @@ local function min_score(zset)
   return nil
 end
 
-local function scores(s)
-  local consec = math.min(s.consec, 8191)
-  return {
-    s.pass,
-    s.wpass,
-    consec * HI + math.min(s.total, HI - 1),
-    math.min(s.inflight, 8191) * HI + (s.pass % HI),
-    math.min(math.floor(s.lat), 4294967295) * LO + (s.pass % LO),
-  }
+local function score(s, i)
+  if i == 1 then return s.pass end
+  if i == 2 then return s.wpass end
+  if i == 3 then return math.min(s.consec, 8191) * HI + math.min(s.total, HI - 1) end
+  if i == 4 then return math.min(s.inflight, 8191) * HI + (s.pass % HI) end
+  return math.min(math.floor(s.lat), 8191) * HI + (s.pass % HI)
 end
 
--- Put the key where its state says: in the strategy sets when available, in `wait` with the
--- time to look again when cooling, nowhere when disabled. Returns available_at, why.
-local function place(s, now)
+-- Put the key where its state says: in the strategy sets when available, in `wait` with
+-- the time to look again when not, nowhere when disabled. `fields` collects the hash
+-- fields the caller writes afterwards; `rescore` (when the key stays available) names
+-- whether its scores changed. Returns available_at, why.
+local function place(s, now, fields, rescore)
   local at, why = available_at(s, now)
   if at == 0 then
-    if not redis.call('ZSCORE', K_RR, s.id) then
-      -- Re-joining the rotation: never behind the keys that stayed, so it cannot monopolise.
-      local floor_rr, floor_wrr = min_score(K_RR), min_score(K_WRR)
-      local changed = false
-      if floor_rr and s.pass < floor_rr then s.pass = floor_rr; changed = true end
-      if floor_wrr and s.wpass < floor_wrr then s.wpass = floor_wrr; changed = true end
-      if changed then
-        redis.call('HSET', key_hash(s.id), 'pass', n2s(s.pass), 'wpass', n2s(s.wpass))
+    if s.loc ~= 'r' then
+      -- Joining the weighted rotation at its current pass, so it cannot monopolise it.
+      -- (The plain rotation is least-recently-served order: a key coming back is served
+      -- once, then queues behind the others.)
+      if ACTIVE_SET[2] then
+        local floor_wrr = min_score(STRATEGY_ZSETS[2])
+        if floor_wrr and s.wpass < floor_wrr then s.wpass = floor_wrr; fields[#fields + 1] = 'wpass'; fields[#fields + 1] = s.wpass end
+      end
+      for j = 1, #ACTIVE do redis.call('ZADD', STRATEGY_ZSETS[ACTIVE[j]], score(s, ACTIVE[j]), s.id) end
+      if s.loc == 'w' then redis.call('ZREM', K_WAIT, s.id) end
+      s.loc = 'r'
+      fields[#fields + 1] = 'loc'; fields[#fields + 1] = 'r'
+    elseif rescore then
+      for j = 1, #ACTIVE do
+        local i = ACTIVE[j]
+        if rescore == 'all' or i > 2 then redis.call('ZADD', STRATEGY_ZSETS[i], score(s, i), s.id) end
       end
     end
-    local sc = scores(s)
-    for i = 1, 5 do redis.call('ZADD', STRATEGY_ZSETS[i], sc[i], s.id) end
-    redis.call('ZREM', K_WAIT, s.id)
   else
-    for i = 1, 5 do redis.call('ZREM', STRATEGY_ZSETS[i], s.id) end
+    if s.loc == 'r' then
+      for j = 1, #ACTIVE do redis.call('ZREM', STRATEGY_ZSETS[ACTIVE[j]], s.id) end
+    end
     if at >= NEVER then
-      redis.call('ZREM', K_WAIT, s.id)
+      if s.loc == 'w' then redis.call('ZREM', K_WAIT, s.id) end
+      if s.loc ~= '' then fields[#fields + 1] = 'loc'; fields[#fields + 1] = '' end
+      s.loc = ''
     else
       redis.call('ZADD', K_WAIT, at, s.id)
+      note_due(at)
+      if s.loc ~= 'w' then fields[#fields + 1] = 'loc'; fields[#fields + 1] = 'w' end
+      s.loc = 'w'
     end
   end
   return at, why
 end
 
--- Drop a lease; returns true when it was open.
-local function drop_lease(id, lease_id)
-  if lease_id == '' then return false end
-  local removed = redis.call('ZREM', K_LEASES, id .. '/' .. lease_id)
-  redis.call('ZREM', key_leases(id), lease_id)
-  local n = redis.call('ZCARD', key_leases(id))
-  redis.call('HSET', key_hash(id), 'inflight', n)
-  return removed == 1
+local function flush(id, fields)
+  if #fields > 0 then redis.call('HSET', key_hash(id), unpack(fields)) end
 end
 
--- Free leases whose holder did not report in time (a crashed or hung process).
-local function reap_leases(now)
+-- Re-place a key after a change made elsewhere, writing what moved.
+local function replace(s, now)
+  local fields = {}
+  local at, why = place(s, now, fields, 'all')
+  flush(s.id, fields)
+  return at, why
+end
+
+-- Drop a lease of the key; true when it was open. Updates s.inflight (caller writes it).
+local function drop_lease(s, lease_id)
+  if lease_id == '' then return false end
+  if redis.call('ZREM', K_LEASES, s.id .. '/' .. lease_id) == 0 then return false end
+  if s.maxc > 0 then redis.call('ZREM', key_leases(s.id), lease_id) end
+  s.inflight = math.max(0, s.inflight - 1)
+  return true
+end
+
+-- Free leases whose holder did not report in time (a crashed or hung process), and bring
+-- back the keys whose cooldown, budget refill or lease expiry has come. Only runs when
+-- something is due.
+local function housekeeping(now)
+  if now < DUE then return end
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, 256)
   for i = 1, #expired do
     local member = expired[i]
     local slash = string.find(member, '/', 1, true)
     local id, lease_id = string.sub(member, 1, slash - 1), string.sub(member, slash + 1)
-    redis.call('ZREM', K_LEASES, member)
-    if redis.call('EXISTS', key_hash(id)) == 1 then
-      drop_lease(id, lease_id)
-      local s = load(id)
-      if s then place(s, now) end
+    local s = load(id)
+    if s then
+      drop_lease(s, lease_id)
+      local fields = { 'inflight', s.inflight }
+      place(s, now, fields, 'all')
+      flush(id, fields)
+    else
+      redis.call('ZREM', K_LEASES, member)
     end
   end
-end
-
--- Bring back the keys whose cooldown, budget refill or lease expiry has come.
-local function promote(now)
   for _ = 1, 8 do
     local due = redis.call('ZRANGEBYSCORE', K_WAIT, '-inf', now, 'LIMIT', 0, 128)
-    if #due == 0 then return end
+    if #due == 0 then break end
     for i = 1, #due do
       local s = load(due[i])
-      if s then place(s, now) else redis.call('ZREM', K_WAIT, due[i]) end
+      if s then
+        s.loc = 'w'   -- it is in wait, whatever the hash says
+        replace(s, now)
+      else
+        redis.call('ZREM', K_WAIT, due[i])
+      end
     end
   end
+  -- the next time anything is due
+  local next_due = NEVER
+  local w = min_score(K_WAIT)
+  if w and w < next_due then next_due = w end
+  local l = min_score(K_LEASES)
+  if l and l < next_due then next_due = l end
+  DUE = next_due
+  redis.call('HSET', K_META, 'due', next_due)
+end
+
+-- Make sure the strategy's set exists (built from the available keys the first time).
+local function ensure_strategy(i)
+  if ACTIVE_SET[i] then return end
+  local ids = redis.call('SMEMBERS', K_ALL)
+  for j = 1, #ids do
+    local s = load(ids[j])
+    if s and s.loc == 'r' then redis.call('ZADD', STRATEGY_ZSETS[i], score(s, i), s.id) end
+  end
+  ACTIVE[#ACTIVE + 1] = i
+  ACTIVE_SET[i] = true
+  local zs = {}
+  for j = 1, #ACTIVE do zs[j] = tostring(ACTIVE[j]) end
+  redis.call('HSET', K_META, 'zs', table.concat(zs, ','))
 end

@@ -21,10 +21,10 @@ local id, fp = ARGV[2], ARGV[3]
 local h = key_hash(id)
 local now = now_ms()
 
-local epoch = redis.call('HGET', K_META, 'epoch')
+local epoch = EPOCH
 if not epoch then
   epoch = ARGV[10]
-  redis.call('HSET', K_META, 'epoch', epoch, 'created', n2s(math.floor(now)))
+  redis.call('HSET', K_META, 'epoch', epoch, 'created', math.floor(now))
 end
 
 local old_fp = redis.call('HGET', h, 'fp')
@@ -40,10 +40,10 @@ end
 
 if not old_fp then
   result = 'created'
-  local pass = min_score(K_RR) or 0
-  local wpass = min_score(K_WRR) or 0
-  redis.call('HSET', h, 'en', '1', 'created', n2s(math.floor(now)), 'pass', n2s(pass),
-    'wpass', n2s(wpass), 'total', '0', 'ok', '0', 'err', '0', 'consec', '0', 'inflight', '0')
+  local pass = 0   -- place() lines it up with the rotation's current round
+  local wpass = min_score(STRATEGY_ZSETS[2]) or 0
+  redis.call('HSET', h, 'en', '1', 'created', math.floor(now), 'pass', pass,
+    'wpass', wpass, 'total', 0, 'ok', 0, 'err', 0, 'consec', 0, 'inflight', 0, 'loc', '')
 elseif old_fp ~= fp then
   result = 'rekeyed'
   redis.call('HSET', h, 'consec', '0', 'circ', '', 'probe_until', '0', 'opens', '0')
@@ -66,5 +66,5 @@ if #models > 0 then
   redis.call('HSET', h, 'models', cjson.encode(have))
 end
 
-place(load(id), now)
+replace(load(id), now)
 return { epoch, result }

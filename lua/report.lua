@@ -18,7 +18,7 @@
 -- ARGV[14]  first circuit-open cooldown, ms
 -- ARGV[15]  circuit-open cooldown cap, ms
 --
--- Reply: {'OK', event, status_why, available_at_ms_or_-1_or_0, now_ms}
+-- Reply: {'OK', event, why_unavailable, available_at_ms (0 = now, -1 = never), now_ms}
 --   event: '' | 'cooldown_set' | 'cooldown_extended' | 'key_exhausted' | 'key_disabled' |
 --          'circuit_opened' | 'circuit_closed'
 -- or {'UNKNOWN'} when the key is not registered (the caller re-registers it and retries).
@@ -33,18 +33,17 @@ local rl_base, rl_cap = tonumber(ARGV[10]), tonumber(ARGV[11])
 local quota_ms, threshold = tonumber(ARGV[12]), tonumber(ARGV[13])
 local cb_base, cb_cap = tonumber(ARGV[14]), tonumber(ARGV[15])
 
-local h = key_hash(id)
-if redis.call('EXISTS', h) == 0 then
+local s = load(id)
+if not s then
   if lease_id ~= '' then redis.call('ZREM', K_LEASES, id .. '/' .. lease_id) end
   return { 'UNKNOWN' }
 end
 
 local now = now_ms()
-drop_lease(id, lease_id)
-local s = load(id)
-local event = ''
 local fields = {}
 local function set(k, v) fields[#fields + 1] = k; fields[#fields + 1] = v end
+if drop_lease(s, lease_id) then set('inflight', s.inflight) end
+local event = ''
 
 -- Only ever extends a cooldown; returns the event name for the change.
 local function cool(until_ms, why)
@@ -52,40 +51,36 @@ local function cool(until_ms, why)
     local was = s['until'] > now
     s['until'] = until_ms
     s.why = why
-    set('until', n2s(math.floor(until_ms))); set('why', why)
+    set('until', math.floor(until_ms)); set('why', why)
     if was then return 'cooldown_extended' end
     return 'cooldown_set'
   end
   return ''
 end
 
-local function close_circuit()
-  if s.circ ~= '' then
-    s.circ = ''
-    set('circ', ''); set('probe_until', '0'); set('opens', '0')
-    return true
-  end
-  return false
-end
-
 if outcome == 'success' or outcome == 'release' then
   if outcome == 'success' then
-    redis.call('HINCRBY', h, 'ok', 1)
-    if s.consec ~= 0 then s.consec = 0; set('consec', '0') end
-    set('rl_strikes', '0')
-    if close_circuit() then event = 'circuit_closed' end
-    if latency then
-      local n = tonumber(redis.call('HINCRBY', h, 'lat_n', 1))
-      if n == 1 then s.lat = latency else s.lat = s.lat * 0.8 + latency * 0.2 end
-      set('lat', string.format('%.3f', s.lat))
+    s.ok = s.ok + 1
+    set('ok', s.ok); set('last_ok', math.floor(now))
+    if s.consec ~= 0 then s.consec = 0; set('consec', 0) end
+    if s.rl_strikes ~= 0 then set('rl_strikes', 0) end
+    if s.circ ~= '' then
+      s.circ = ''
+      s.opens = 0
+      set('circ', ''); set('probe_until', 0); set('opens', 0)
+      event = 'circuit_closed'
     end
-    set('last_ok', n2s(math.floor(now)))
+    if latency then
+      s.lat_n = s.lat_n + 1
+      if s.lat_n == 1 then s.lat = latency else s.lat = s.lat * 0.8 + latency * 0.2 end
+      set('lat_n', s.lat_n); set('lat', string.format('%.3f', s.lat))
+    end
   elseif s.circ == 'half' then
     -- a released probe proves nothing: let another probe go
-    s.probe_until = 0; set('probe_until', '0')
+    s.probe_until = 0; set('probe_until', 0)
   end
   local used = actual or est
-  if used > 0 then redis.call('HINCRBY', h, 'tokens', math.floor(used)) end
+  if used > 0 then s.tokens = s.tokens + math.floor(used); set('tokens', s.tokens) end
   if actual and s.tpm > 0 and actual ~= est then
     -- reconcile the reservation: charge the overrun, give back what was not used
     local e = MINUTE / s.tpm
@@ -94,17 +89,20 @@ if outcome == 'success' or outcome == 'release' then
     else
       s.t_tpm = s.t_tpm - (est - actual) * e
     end
-    set('t_tpm', n2s(s.t_tpm))
+    set('t_tpm', s.t_tpm)
   end
 else
-  redis.call('HINCRBY', h, 'err', 1)
+  local h = key_hash(id)
+  s.err = s.err + 1
+  set('err', s.err)
   redis.call('HINCRBY', h, 'e:' .. outcome, 1)
   set('last_error', outcome .. (detail ~= '' and (' ' .. detail) or ''))
-  set('last_error_at', n2s(math.floor(now)))
+  set('last_error_at', math.floor(now))
   if outcome == 'rate_limit' then
-    local strikes = tonumber(redis.call('HINCRBY', h, 'rl_strikes', 1))
+    s.rl_strikes = s.rl_strikes + 1
+    set('rl_strikes', s.rl_strikes)
     local dur = retry_ms
-    if not dur then dur = math.min(rl_base * 2 ^ (strikes - 1), rl_cap) end
+    if not dur then dur = math.min(rl_base * 2 ^ (s.rl_strikes - 1), rl_cap) end
     event = cool(now + dur, 'rate_limit')
   elseif outcome == 'quota' then
     event = cool(now + (retry_ms or quota_ms), 'quota')
@@ -117,22 +115,23 @@ else
     end
   elseif outcome == 'bad_request' then
     -- the request was wrong, not the key
-    if s.circ == 'half' then s.probe_until = 0; set('probe_until', '0') end
+    if s.circ == 'half' then s.probe_until = 0; set('probe_until', 0) end
   else
     s.consec = s.consec + 1
-    set('consec', n2s(s.consec))
+    set('consec', s.consec)
     if s.circ == 'half' or s.circ == 'open' or s.consec >= threshold then
-      local opens = tonumber(redis.call('HINCRBY', h, 'opens', 1))
-      local dur = math.min(cb_base * 2 ^ (opens - 1), cb_cap)
+      s.opens = s.opens + 1
+      set('opens', s.opens)
+      local dur = math.min(cb_base * 2 ^ (s.opens - 1), cb_cap)
       s.circ = 'open'; s.probe_until = 0
-      set('circ', 'open'); set('probe_until', '0')
+      set('circ', 'open'); set('probe_until', 0)
       cool(now + dur, 'circuit')
       event = 'circuit_opened'
     end
   end
 end
 
-if #fields > 0 then redis.call('HSET', h, unpack(fields)) end
-local at, why = place(s, now)
+local at, why = place(s, now, fields, 'stats')
+flush(id, fields)
 if at >= NEVER then at = -1 end
-return { 'OK', event, why, n2s(at), n2s(now) }
+return { 'OK', event, why, math.floor(at), math.floor(now) }

@@ -9,8 +9,8 @@
 --         tpm_left, rpd_left, in_flight}}, ...} ; a key that is not registered is left out.
 
 local now = now_ms()
-reap_leases(now)
-promote(now)
+DUE = 0
+housekeeping(now)
 
 local ids = {}
 if #ARGV > 1 then
@@ -20,7 +20,7 @@ else
   table.sort(ids)
 end
 
-local out = { n2s(now) }
+local out = { math.floor(now) }
 for i = 1, #ids do
   local s = load(ids[i])
   if s then
@@ -33,11 +33,11 @@ for i = 1, #ids do
     end
     out[#out + 1] = ids[i]
     out[#out + 1] = clean
-    out[#out + 1] = { n2s(at), why,
+    out[#out + 1] = { math.floor(at), why,
       budget_left(s.rpm, MINUTE, s.t_rpm, now),
       budget_left(s.tpm, MINUTE, s.t_tpm, now),
       budget_left(s.rpd, DAY, s.t_rpd, now),
-      redis.call('ZCARD', key_leases(ids[i])) }
+      s.inflight }
   end
 end
 return out
