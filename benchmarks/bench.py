@@ -1,0 +1,276 @@
+"""keypool benchmarks: every figure is a ratio against a raw Redis round trip measured in the
+same run, on the same Redis, with the operations interleaved so machine drift hits all alike.
+
+    python benchmarks/bench.py                         # redis://127.0.0.1:6379/0
+    python benchmarks/bench.py --url redis://host:6379/3 --rounds 40 --json out.json
+
+Nothing is flushed: everything lives under a namespace of its own, deleted at the end.
+Needs the ``limits`` package for the peer comparison (``pip install limits``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from keypool import EnhancedAPIKeyManager, KeyPool, KeyPoolSettings
+
+BUDGETS = {"rpm": 10_000_000, "tpm": 1_000_000_000, "rpd": 1_000_000_000, "max_concurrency": 100_000}
+
+
+def pctl(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed(fn: Callable[[], Any], n: int, out: list[float]) -> None:
+    clock = time.perf_counter
+    for _ in range(n):
+        start = clock()
+        fn()
+        out.append(clock() - start)
+
+
+def make_pool(url: str, ns: str, keys: int, provider: str) -> KeyPool:
+    pool = KeyPool(settings=KeyPoolSettings(redis_url=url, namespace=ns, lease_ttl=600))
+    pool.add_keys(
+        ((provider, f"k{i:05d}", f"bench-secret-{provider}-{i}") for i in range(keys)), **BUDGETS
+    )
+    return pool
+
+
+def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[str, float]]:
+    raw = redis.Redis.from_url(url)
+    noop_sha = raw.script_load("return 1")
+    pool = make_pool(url, ns, 10, "openai")
+    km = EnhancedAPIKeyManager(pool=pool)
+    sizes = {10: pool, 1000: make_pool(url, ns, 1000, "p1k"), 10000: make_pool(url, ns, 10000, "p10k")}
+    providers = {10: "openai", 1000: "p1k", 10000: "p10k"}
+
+    limiter: Any = None
+    try:
+        from limits import RateLimitItemPerSecond
+        from limits.storage import RedisStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        limiter = MovingWindowRateLimiter(RedisStorage(url))
+        item = RateLimitItemPerSecond(10_000_000)
+    except ImportError:
+        print("(limits not installed: the peer comparison is skipped)", file=sys.stderr)
+
+    samples: dict[str, list[float]] = {}
+
+    def add(name: str) -> list[float]:
+        return samples.setdefault(name, [])
+
+    # warm up every path (script load, connections)
+    for _ in range(50):
+        raw.ping()
+        raw.evalsha(noop_sha, 0)
+        pool.acquire("openai", tokens=10).success(tokens=10)
+        for size, p in sizes.items():
+            p.acquire(providers[size]).success()
+
+    for r in range(rounds):
+        steps: list[Callable[[], None]] = []
+        steps.append(lambda: timed(raw.ping, batch, add("redis PING")))
+        steps.append(lambda: timed(lambda: raw.evalsha(noop_sha, 0), batch, add("no-op EVALSHA")))
+        if limiter is not None:
+            steps.append(
+                lambda: timed(lambda: limiter.hit(item, "bench", ns), batch, add("limits moving-window hit"))
+            )
+
+        def leases_then_success() -> None:
+            leases: list[Any] = []
+            timed(lambda: leases.append(pool.acquire("openai", tokens=10)), batch, add("acquire"))
+            it = iter(leases)
+            timed(lambda: next(it).success(tokens=12), batch, add("lease.success"))
+
+        steps.append(leases_then_success)
+        steps.append(
+            lambda: timed(
+                lambda: pool.acquire("openai", tokens=10).success(tokens=12),
+                batch,
+                add("acquire+success"),
+            )
+        )
+        steps.append(lambda: timed(lambda: km.get_next_key("openai"), batch, add("get_next_key")))
+        for size, p in sizes.items():
+            name = f"acquire+success, {size:,} keys"
+
+            def sized(p: KeyPool = p, prov: str = providers[size], name: str = name) -> None:
+                timed(lambda: p.acquire(prov, tokens=10).success(tokens=10), batch, add(name))
+
+            steps.append(sized)
+        # rotate the order each round so no operation always runs first or last
+        shift = r % len(steps)
+        for step in steps[shift:] + steps[:shift]:
+            step()
+
+    results = {
+        name: {"p50_us": pctl(xs, 0.5) * 1e6, "p99_us": pctl(xs, 0.99) * 1e6, "n": len(xs)}
+        for name, xs in samples.items()
+    }
+    raw.close()
+    return results
+
+
+# ---------------------------------------------------------------------- throughput
+
+
+def _throughput_worker(args: tuple[str, str, str, int, float, Any]) -> int:
+    url, ns, mode, _idx, seconds, barrier = args
+    if mode == "keypool":
+        pool = KeyPool(settings=KeyPoolSettings(redis_url=url, namespace=ns, lease_ttl=600))
+        pool.add_keys(
+            (("tput", f"k{i:03d}", f"bench-secret-tput-{i}") for i in range(50)), **BUDGETS
+        )
+
+        def cycle() -> None:
+            pool.acquire("tput", tokens=10).success(tokens=10)
+    else:
+        raw = redis.Redis.from_url(url)
+        sha = raw.script_load("return 1")
+
+        def cycle() -> None:  # the same two round trips, doing nothing
+            raw.evalsha(sha, 0)
+            raw.evalsha(sha, 0)
+
+    for _ in range(20):
+        cycle()
+    barrier.wait()
+    done = 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        cycle()
+        done += 1
+    return done
+
+
+def throughput_suite(url: str, ns: str, procs: list[int], seconds: float) -> dict[str, dict[str, float]]:
+    ctx = mp.get_context("spawn")
+    out: dict[str, dict[str, float]] = {}
+    for n in procs:
+        row: dict[str, float] = {}
+        for mode in ("evalsha", "keypool"):
+            barrier = ctx.Manager().Barrier(n)
+            with ctx.Pool(n) as workers:
+                counts = workers.map(
+                    _throughput_worker, [(url, ns, mode, i, seconds, barrier) for i in range(n)]
+                )
+            row[mode] = sum(counts) / seconds
+        out[str(n)] = row
+    return out
+
+
+# ---------------------------------------------------------------------- import and memory
+
+
+def import_and_memory(url: str, ns: str) -> dict[str, float]:
+    pool = KeyPool(settings=KeyPoolSettings(redis_url=url, namespace=ns, lease_ttl=600))
+    entries = [("imp", f"k{i:05d}", f"bench-secret-imp-{i}") for i in range(10_000)]
+    start = time.perf_counter()
+    pool.add_keys(entries, rpm=1000, tpm=100_000, rpd=100_000, max_concurrency=4)
+    import_s = time.perf_counter() - start
+    # steady state: every key used, budgets charged, one lease open on each
+    leases = [pool.acquire("imp", tokens=5) for _ in range(10_000)]
+    for lease in leases[: len(leases) // 2]:
+        lease.success(tokens=7)
+    raw = redis.Redis.from_url(url)
+    total = 0
+    count = 0
+    for key in raw.scan_iter(match=f"{ns}:{{imp}}:*", count=1000):
+        total += raw.memory_usage(key, samples=0) or 0
+        count += 1
+    raw.close()
+    return {"import_10k_s": import_s, "bytes_per_key": total / 10_000, "redis_keys": count}
+
+
+def drop(url: str, ns: str) -> None:
+    raw = redis.Redis.from_url(url)
+    batch = list(raw.scan_iter(match=f"{ns}:*", count=1000))
+    for i in range(0, len(batch), 500):
+        raw.delete(*batch[i : i + 500])
+    raw.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("KEYPOOL_BENCH_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--procs", default="1,2,4,8")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args(argv)
+
+    ns = "kpbench-" + uuid.uuid4().hex[:8]
+    try:
+        lat = latency_suite(args.url, ns, args.rounds, args.batch)
+        tput = {} if args.skip_throughput else throughput_suite(
+            args.url, ns, [int(p) for p in args.procs.split(",")], args.seconds
+        )
+        mem = import_and_memory(args.url, ns)
+    finally:
+        drop(args.url, ns)
+
+    ping = lat["redis PING"]["p50_us"]
+    noop = lat["no-op EVALSHA"]["p50_us"]
+    info = redis.Redis.from_url(args.url).info("server")
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"Redis {info.get('redis_version')}, hiredis: {_has_hiredis()}")
+    print(f"\n| operation | p50 µs | p99 µs | p50 / PING | p50 / no-op EVALSHA |\n|---|---|---|---|---|")
+    for name, row in lat.items():
+        print(f"| {name} | {row['p50_us']:.1f} | {row['p99_us']:.1f} | {row['p50_us'] / ping:.2f} | {row['p50_us'] / noop:.2f} |")
+    if tput:
+        print("\n| processes | no-op EVALSHA pairs/s | acquire+success/s | ratio |\n|---|---|---|---|")
+        for n, row in tput.items():
+            print(f"| {n} | {row['evalsha']:.0f} | {row['keypool']:.0f} | {row['keypool'] / row['evalsha']:.2f} |")
+    print(f"\nimport of 10,000 keys: {mem['import_10k_s']:.2f} s; Redis memory per key: "
+          f"{mem['bytes_per_key']:.0f} bytes ({mem['redis_keys']} Redis keys, budgets and leases in use)")
+
+    targets = {
+        "acquire p50 <= limits hit p50": lat["acquire"]["p50_us"]
+        <= lat.get("limits moving-window hit", {"p50_us": float("inf")})["p50_us"],
+        "acquire p50 <= 1.3 x no-op EVALSHA": lat["acquire"]["p50_us"] <= 1.3 * noop,
+        "acquire+success p50 <= 2.3 x PING": lat["acquire+success"]["p50_us"] <= 2.3 * ping,
+        "10,000 keys <= 1.25 x 10 keys": lat["acquire+success, 10,000 keys"]["p50_us"]
+        <= 1.25 * lat["acquire+success, 10 keys"]["p50_us"],
+        "import 10,000 keys <= 2 s": mem["import_10k_s"] <= 2.0,
+        "memory per key <= 2 KiB": mem["bytes_per_key"] <= 2048,
+    }
+    if "4" in tput:
+        targets["4-process throughput >= 0.5 x no-op pairs"] = (
+            tput["4"]["keypool"] >= 0.5 * tput["4"]["evalsha"]
+        )
+    print("\n| target | met |\n|---|---|")
+    for name, ok in targets.items():
+        print(f"| {name} | {'yes' if ok else 'NO'} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"latency": lat, "throughput": tput, "memory": mem, "targets": targets}, fh, indent=2)
+    return 0
+
+
+def _has_hiredis() -> bool:
+    try:
+        import hiredis  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
