@@ -25,6 +25,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, cast
 
 from .kinds import ErrorKind
+from .log import redact
 
 __all__ = [
     "Failure",
@@ -167,6 +168,8 @@ _CODE_KINDS: dict[str, ErrorKind] = {
     "authentication_error": ErrorKind.AUTH,
     "permission_error": ErrorKind.AUTH,
     "invalid_api_key": ErrorKind.AUTH,
+    "api_key_invalid": ErrorKind.AUTH,  # Google: details[].reason
+    "api_key_expired": ErrorKind.AUTH,
     "unauthenticated": ErrorKind.AUTH,
     "permission_denied": ErrorKind.AUTH,
     # provider side
@@ -199,14 +202,37 @@ def _code_kind(code: str) -> ErrorKind | None:
     return kind
 
 
+def _bodies(exc: object) -> list[Mapping[str, Any]]:
+    """The parsed error bodies an SDK exception carries (``body``; google-genai ``details``)."""
+    found = []
+    for name in ("body", "details", "response_json"):
+        value = _attr(exc, name)
+        if isinstance(value, Mapping):
+            found.append(value)
+    return found
+
+
+def _google_details(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    error = body.get("error")
+    details = error.get("details") if isinstance(error, Mapping) else body.get("details")
+    return [d for d in details if isinstance(d, Mapping)] if isinstance(details, list) else []
+
+
 def _code_candidates(exc: object) -> list[str]:
     raw: list[object] = [_attr(exc, "code")]
-    body = _attr(exc, "body")
-    if isinstance(body, Mapping):
+    for body in _bodies(exc):
         error = body.get("error")
         if isinstance(error, Mapping):
             raw.extend(error.get(k) for k in ("code", "type", "status"))
         raw.extend(body.get(k) for k in ("code", "type", "status"))
+        for detail in _google_details(body):
+            raw.append(detail.get("reason"))
+            violations = detail.get("violations")
+            if isinstance(violations, list) and any(
+                isinstance(v, Mapping) and "perday" in str(v.get("quotaId", "")).lower()
+                for v in violations
+            ):
+                raw.append("quota_exceeded")  # a per-day quota is spent until its reset
     raw.extend(_attr(exc, k) for k in ("type", "status", "reason"))
     return [
         _CODE_SEPARATORS.sub("_", value.strip()).lower()
@@ -218,13 +244,16 @@ def _code_candidates(exc: object) -> list[str]:
 def _known_code(exc: object) -> tuple[str, ErrorKind] | None:
     """The first well-known error code on ``exc``, preferring one that says quota is spent."""
     found: tuple[str, ErrorKind] | None = None
+    auth: tuple[str, ErrorKind] | None = None
     for code in _code_candidates(exc):
         kind = _code_kind(code)
         if kind is ErrorKind.QUOTA:
             return code, kind
+        if kind is ErrorKind.AUTH and auth is None:
+            auth = code, kind
         if kind is not None and found is None:
             found = code, kind
-    return found
+    return auth or found
 
 
 # --------------------------------------------------------------------------- class names
@@ -337,10 +366,11 @@ def _from_exception(
         kind = _kind_for_status(status)
         if (
             code is not None
-            and code[1] is ErrorKind.QUOTA
+            and code[1] in (ErrorKind.QUOTA, ErrorKind.AUTH)
             and kind in (ErrorKind.RATE_LIMIT, ErrorKind.BAD_REQUEST)
+            and (code[1] is ErrorKind.QUOTA or code[0].startswith("api_key"))
         ):
-            kind = ErrorKind.QUOTA
+            kind = code[1]  # Google answers a bad key with 400 API_KEY_INVALID
         return kind, status, detail, exc
 
     if _is_timeout(exc):
@@ -375,6 +405,13 @@ def _check_retry_after(value: object) -> float | None:
 
 
 def _retry_after_attr(exc: object) -> float | None:
+    for body in _bodies(exc):  # google.rpc.RetryInfo {"retryDelay": "37s"}
+        for detail in _google_details(body):
+            delay = detail.get("retryDelay")
+            if isinstance(delay, str):
+                seconds = parse_duration(delay)
+                if seconds is not None and seconds >= 0:
+                    return seconds
     value = _attr(exc, "retry_after")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -414,7 +451,8 @@ def classify(
             kind = ErrorKind(what.strip().lower())
         except ValueError:
             known = ", ".join(k.value for k in ErrorKind)
-            raise ValueError(f"unknown error kind {what[:64]!r} (known: {known})") from None
+            shown = redact(what[:64])  # a message passed by mistake may hold a key
+            raise ValueError(f"unknown error kind {shown!r} (known: {known})") from None
         status, detail = None, kind.value
     elif isinstance(what, int):
         if not 100 <= what <= 599:

@@ -15,17 +15,25 @@ from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import scripts
 from .classify import Failure, classify
 from .envload import scan_env
-from .errors import KeyPoolError, NoKeyAvailable, PoolUnavailable, SecretUnavailable, UnknownKey
+from .errors import (
+    ConfigError,
+    KeyPoolError,
+    NoKeyAvailable,
+    PoolUnavailable,
+    SecretUnavailable,
+    UnknownKey,
+)
 from .fingerprint import fingerprint
 from .keyspace import ProviderKeys, model_providers_key, providers_key
-from .log import configure_logging, get_logger, remember_secret
+from .log import configure_logging, get_logger, redact, remember_secret
 from .providers import normalize_provider, validate_key_id, validate_model
 from .sealing import Sealer
 from .settings import STRATEGIES, KeyPoolSettings, load_settings
@@ -275,10 +283,22 @@ class PoolCore:
 
     def _translate(self, exc: BaseException) -> BaseException:
         """The error a caller should see for a failure of the store."""
+        if isinstance(exc, RedisAuthenticationError):
+            return ConfigError(
+                f"Redis at {redact_url(self.url)}: authentication failed "
+                "(check the user name and password in the store URL)"
+            )
         if isinstance(exc, STORE_DOWN):
             return self._unavailable(exc)
         if isinstance(exc, RedisError):
             text = str(exc)
+            if isinstance(exc, NoPermissionError) or "NOPERM" in text or "can't run" in text:
+                return ConfigError(
+                    f"the Redis user of {redact_url(self.url)} may not do what keypool needs "
+                    f"in namespace {self.namespace!r}: it needs ~{self.namespace}:* and the "
+                    "commands EVALSHA, SCRIPT, TIME, HSET/HMGET, ZADD/ZRANGE, SADD/SMEMBERS "
+                    f"({type(exc).__name__})"
+                )
             if text.startswith(("BUSY", "LOADING", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN")):
                 return self._unavailable(exc)
         return exc
@@ -442,6 +462,7 @@ class PoolCore:
         name, key_id = normalize_provider(provider), validate_key_id(key_id)
         if not isinstance(reason, str) or len(reason) > 200:
             raise ValueError(f"invalid reason {reason!r}: expected a str of at most 200 characters")
+        reason = redact(reason)  # an operator may paste an error text that holds a key
         if (yield from self._admin_flow(name, key_id, "disable", reason)):
             self._log.warning(
                 "key_disabled", provider=name, key_id=key_id, reason=reason or "manual"
@@ -603,6 +624,11 @@ class PoolCore:
         if sealed and self._sealer is not None:
             try:
                 secret = self._sealer.unseal(sealed, self._seal_context(provider, key_id))
+                if fingerprint(secret) != fp:
+                    raise SecretUnavailable(
+                        f"the sealed secret of key {key_id!r} of provider {provider!r} is "
+                        f"older than the key (fingerprint {fp}): add the key again"
+                    )
             except SecretUnavailable:
                 yield from self._give_back_flow(provider, key_id, lease_id)
                 raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +24,7 @@ class KeyPoolSettings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        hide_input_in_errors=True,
     )
 
     redis_url: str = Field(
@@ -69,6 +70,19 @@ class KeyPoolSettings(BaseSettings):
 
         parse_url(value)
         return value
+
+    @field_validator("secret_key", "old_secret_keys", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def __repr_args__(self) -> Any:
+        from .store import redact_url
+
+        for name, value in super().__repr_args__():
+            if name == "redis_url" and isinstance(value, str):
+                value = redact_url(value)
+            yield name, value
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

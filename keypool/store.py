@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from .errors import ConfigError
 
-__all__ = ["StoreSpec", "open_store", "open_store_async", "parse_url", "redact_url"]
+__all__ = ["LazyClient", "StoreSpec", "open_store", "open_store_async", "parse_url", "redact_url"]
 
 _SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 _memory_servers: dict[str, Any] = {}
@@ -119,6 +121,47 @@ def parse_url(url: str) -> StoreSpec:
     )
 
 
+class LazyClient:
+    """A client built on first use, for clients that connect when built (the sync Redis
+    Cluster client reads the cluster's layout in its constructor): a pool created while
+    the store is unreachable is created all the same, and its calls fail like any call to
+    an unreachable store (``redis.ConnectionError``, shown to callers as
+    ``PoolUnavailable``) until the store answers."""
+
+    __slots__ = ("_client", "_connect", "_lock", "_where")
+
+    def __init__(self, connect: Callable[[], Any], where: str) -> None:
+        self._connect = connect
+        self._where = where
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        self._client = self._connect()
+                    except RedisClusterException as exc:
+                        raise redis.ConnectionError(
+                            f"cannot connect to {self._where}: {exc}"
+                        ) from exc
+                client = self._client
+        return client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self._client is not None else "not connected yet"
+        return f"<LazyClient {self._where} ({state})>"
+
+
 def _memory_server(name: str) -> Any:
     import fakeredis
 
@@ -147,18 +190,25 @@ def open_store(url: str, *, socket_timeout: float, connect_timeout: float) -> An
     }
     if spec.kind == "memory":
         return _memory_client(spec.name)
-    retry = Retry(NoBackoff(), 1)
+    # One retry, at once, after a dropped connection (a pooled connection to a server that
+    # restarted, a Sentinel failover; on a cluster also after re-reading its layout). Not
+    # after a timeout: a call to a hung server fails within socket_timeout, not twice that.
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     if spec.kind in ("redis", "rediss", "unix"):
         return redis.Redis.from_url(spec.url, retry=retry, **common)
     if spec.kind == "redis+cluster":
         from redis.cluster import ClusterNode, RedisCluster
 
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in spec.hosts],  # type: ignore[no-untyped-call]
-            username=spec.username,
-            password=spec.password,
-            **common,
-        )
+        def connect() -> Any:
+            return RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in spec.hosts],  # type: ignore[no-untyped-call]
+                username=spec.username,
+                password=spec.password,
+                retry=retry,
+                **common,
+            )
+
+        return LazyClient(connect, redact_url(spec.url))
     from redis.sentinel import Sentinel
 
     query = parse_qs(urlsplit(spec.url).query)
@@ -194,7 +244,7 @@ def open_store_async(url: str, *, socket_timeout: float, connect_timeout: float)
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry as AsyncRetry
 
-    retry = AsyncRetry(NoBackoff(), 1)
+    retry = AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     if spec.kind in ("redis", "rediss", "unix"):
         # Many tasks share a bounded set of connections: a task waits for a free one (up to
         # the socket timeout) rather than failing when a burst exceeds the pool.
@@ -210,6 +260,7 @@ def open_store_async(url: str, *, socket_timeout: float, connect_timeout: float)
             startup_nodes=[AsyncClusterNode(h, p) for h, p in spec.hosts],
             username=spec.username,
             password=spec.password,
+            retry=retry,
             **common,
         )
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel

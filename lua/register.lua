@@ -34,7 +34,8 @@ redis.call('HSET', h, 'id', id, 'fp', fp, 'weight', ARGV[4], 'rpm', ARGV[5], 'tp
   'rpd', ARGV[7], 'maxc', ARGV[8])
 if ARGV[9] ~= '' then
   redis.call('HSET', h, 'sealed', ARGV[9])
-else
+elseif old_fp ~= fp then
+  -- a process without the sealing key re-keyed it: the sealed copy is stale
   redis.call('HDEL', h, 'sealed')
 end
 

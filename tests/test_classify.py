@@ -749,3 +749,55 @@ def test_failure_is_frozen() -> None:
     with pytest.raises(AttributeError):
         failure.kind = ErrorKind.AUTH  # type: ignore[misc]
     assert not hasattr(failure, "__dict__")
+
+
+class _GoogleClientError(Exception):
+    """The shape of google-genai's ClientError: ``code`` and the parsed body."""
+
+    def __init__(self, code: int, body: dict[str, object]) -> None:
+        super().__init__(f"{code} error")
+        self.code = code
+        self.details = body
+
+
+def test_google_invalid_key_disables() -> None:
+    body = {
+        "error": {
+            "code": 400,
+            "status": "INVALID_ARGUMENT",
+            "details": [{"reason": "API_KEY_INVALID"}],
+        }
+    }
+    assert classify(_GoogleClientError(400, body)).kind is ErrorKind.AUTH
+
+
+def test_google_daily_quota_and_retry_info() -> None:
+    body = {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel"}],
+                },
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"},
+            ],
+        }
+    }
+    failure = classify(_GoogleClientError(429, body))
+    assert failure.kind is ErrorKind.QUOTA
+    assert failure.retry_after == 37.0
+
+
+def test_google_per_minute_limit_uses_retry_info() -> None:
+    body = {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}],
+        }
+    }
+    failure = classify(_GoogleClientError(429, body))
+    assert failure.kind is ErrorKind.RATE_LIMIT
+    assert failure.retry_after == 7.0
