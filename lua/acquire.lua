@@ -117,8 +117,11 @@ local function consider_waiting(id, wait_score)
   local s = load(id)
   if not s then return end
   local at = math.max(wait_score, budget_at(s.tpm, MINUTE, s.t_tpm, tokens))
-  if at < earliest then earliest = at end
-  why_none = 'cooling'
+  if at < earliest then
+    earliest = at
+    local _, why = available_at(s, now)
+    why_none = (why ~= '' and why) or 'cooling'
+  end
 end
 
 if model ~= '' then
