@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, S
 from types import TracebackType
 from typing import Any, TypeVar
 
+from redis.exceptions import NoScriptError
+
 from .classify import Failure
 from .core import (
     Cmd,
@@ -104,14 +106,38 @@ class AsyncKeyPool(PoolCore):
                 getattr(pipe, name)(*args)
             return await pipe.execute()
         if type(op) is RunMany:
-            await client.script_load(op.script.source)
-            pipe = client.pipeline(transaction=False)
-            for provider, argv in op.calls:
-                space = self._space(provider)
-                keys = space.keys
-                pipe.evalsha(op.script.sha, len(keys), *keys, space.prefix, *argv)
-            return await pipe.execute()
+            return await self._run_many(op)
         raise TypeError(f"unknown operation {op!r}")
+
+    async def _run_many(self, op: RunMany) -> list[Any]:
+        """See :meth:`KeyPool._run_many`."""
+        client = self._client
+        calls = [self._script_call(provider, argv) for provider, argv in op.calls]
+
+        async def pipelined(indexes: list[int]) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for i in indexes:
+                keys, args = calls[i]
+                pipe.execute_command("EVALSHA", op.script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _attempt in range(3):
+            for i, reply in zip(todo, await pipelined(todo), strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
+            await client.script_load(op.script.source)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _script_call(self, provider: str, argv: list[Any]) -> tuple[list[str], list[Any]]:
+        space = self._space(provider)
+        return space.keys, [space.prefix, *argv]
 
     async def _adrive(self, flow: Flow) -> Any:
         reply: Any = None

@@ -16,8 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import (
+    ClusterError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import scripts
@@ -90,6 +97,8 @@ Op = Run | RunMany | Cmd | CmdMany | Sleep
 Flow = Generator[Op, Any, Any]
 
 STORE_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# a cluster that is down (CLUSTERDOWN, MASTERDOWN, its retries spent) or moving a slot
+STORE_BUSY = (ClusterError, TryAgainError)
 
 
 # ---------------------------------------------------------------------- local state
@@ -299,8 +308,17 @@ class PoolCore:
                     "commands EVALSHA, SCRIPT, TIME, HSET/HMGET, ZADD/ZRANGE, SADD/SMEMBERS "
                     f"({type(exc).__name__})"
                 )
-            if text.startswith(("BUSY", "LOADING", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN")):
+            # redis-py strips the code from the messages of the errors it has classes for
+            # (ClusterDownError, MasterDownError, TryAgainError): test the classes too
+            if isinstance(exc, STORE_BUSY) or text.startswith(
+                ("BUSY", "LOADING", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN")
+            ):
                 return self._unavailable(exc)
+        if isinstance(exc, SlotNotCoveredError) or (
+            # a slot nobody serves now, or no node of the cluster answering
+            isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc)
+        ):
+            return self._unavailable(exc)
         return exc
 
     # ------------------------------------------------------------------ registration
@@ -497,7 +515,15 @@ class PoolCore:
             names = yield from self._providers_flow()
         out: list[KeyStats] = []
         for name in names:
-            out.extend(parse_stats_reply(name, (yield Run(scripts.STATS, name, []))))
+            found = parse_stats_reply(name, (yield Run(scripts.STATS, name, [])))
+            with self._lock:
+                missing = set(self._held.get(name, {})) - {s.key_id for s in found}
+            if missing:  # lost by Redis (then the epoch changed), or removed by another process
+                epoch = yield Cmd("hget", (self._space(name).keys[0], "epoch"))
+                if epoch != self._epochs.get(name):
+                    yield from self._reregister_flow(name)
+                    found = parse_stats_reply(name, (yield Run(scripts.STATS, name, [])))
+            out.extend(found)
         return out
 
     def _providers_flow(self) -> Flow:
@@ -511,7 +537,12 @@ class PoolCore:
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
         members = yield Cmd("smembers", (model_providers_key(self.namespace, model),))
-        found = tuple(sorted(members))
+        with self._lock:  # and the providers of the keys this process holds for the model:
+            # when Redis lost its state, trying them re-registers those keys
+            held = {
+                p for p, keys in self._held.items() if any(model in h.models for h in keys.values())
+            }
+        found = tuple(sorted(set(members) | held))
         if found:
             self._model_cache[model] = (time.monotonic() + _MODEL_CACHE_SECONDS, found)
         return found
@@ -612,9 +643,12 @@ class PoolCore:
             if status == "NONE":
                 ms = float(reply[1])
                 return (None if ms < 0 else ms / 1000.0), str(reply[2])
-            # LOST: the pool was flushed or re-created; put our keys back and try again
-            self._epochs.pop(provider, None)
-            yield from self._reregister_flow(provider)
+            # LOST: the pool was flushed or re-created; put our keys back and try again. The
+            # old epoch is kept while they go back: another thread of this process meanwhile
+            # gets LOST too (and re-registers, an idempotent upsert) instead of finding the
+            # pool empty and answering NoKeyAvailable.
+            if not (yield from self._reregister_flow(provider)):
+                self._epochs.pop(provider, None)
         raise KeyPoolError(f"the pool state of provider {provider!r} keeps changing; giving up")
 
     def _secret_flow(self, provider: str, key_id: str, fp: str, sealed: str, lease_id: str) -> Flow:

@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from redis.exceptions import NoScriptError
+
 from .classify import Failure
 from .core import (
     Cmd,
@@ -72,14 +74,42 @@ class KeyPool(PoolCore):
                 getattr(pipe, name)(*args)
             return pipe.execute()
         if type(op) is RunMany:
-            client.script_load(op.script.source)
-            pipe = client.pipeline(transaction=False)
-            for provider, argv in op.calls:
-                space = self._space(provider)
-                keys = space.keys
-                pipe.evalsha(op.script.sha, len(keys), *keys, space.prefix, *argv)
-            return pipe.execute()
+            return self._run_many(op)
         raise TypeError(f"unknown operation {op!r}")
+
+    def _run_many(self, op: RunMany) -> list[Any]:
+        """Every call of ``op`` in one pipeline of EVALSHA (not a transaction; on a cluster
+        each call goes to the node that owns its keys' slot). When a server lost the script
+        (NOSCRIPT: a restart, a failover, SCRIPT FLUSH), load it and send those calls again."""
+        client = self._client
+        calls = [self._script_call(provider, argv) for provider, argv in op.calls]
+
+        def pipelined(indexes: list[int]) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for i in indexes:
+                keys, args = calls[i]
+                # execute_command, not pipe.evalsha: cluster pipelines refuse evalsha, while
+                # an EVALSHA command is routed by its keys like any other
+                pipe.execute_command("EVALSHA", op.script.sha, len(keys), *keys, *args)
+            return list(pipe.execute(raise_on_error=False))
+
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _attempt in range(3):
+            for i, reply in zip(todo, pipelined(todo), strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
+            client.script_load(op.script.source)  # on a cluster: on every primary
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _script_call(self, provider: str, argv: list[Any]) -> tuple[list[str], list[Any]]:
+        space = self._space(provider)
+        return space.keys, [space.prefix, *argv]
 
     def _drive(self, flow: Flow) -> Any:
         reply: Any = None

@@ -48,19 +48,27 @@ class Script:
 
     def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
         """Run the script: one round trip, plus one SCRIPT LOAD if the server lost it."""
-        try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            client.script_load(self.source)
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+        for _attempt in range(_RELOADS):
+            try:
+                return client.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                client.script_load(self.source)
+        return client.evalsha(self.sha, len(keys), *keys, *args)
 
     async def call_async(self, client: Any, keys: list[str], args: list[Any]) -> Any:
         """The same, on a ``redis.asyncio`` client."""
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        for _attempt in range(_RELOADS):
+            try:
+                return await client.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await client.script_load(self.source)
+        return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+# Times a call loads the script again after NOSCRIPT before giving up: the cache can be
+# flushed again between the load and the call (SCRIPT FLUSH on every node of a cluster,
+# a second restart), and that must not reach the caller.
+_RELOADS = 3
 
 
 @cache
