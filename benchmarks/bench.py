@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import sys
 import time
 import uuid
@@ -26,7 +25,12 @@ import redis
 
 from keypool import EnhancedAPIKeyManager, KeyPool, KeyPoolSettings
 
-BUDGETS = {"rpm": 10_000_000, "tpm": 1_000_000_000, "rpd": 1_000_000_000, "max_concurrency": 100_000}
+BUDGETS = {
+    "rpm": 10_000_000,
+    "tpm": 1_000_000_000,
+    "rpd": 1_000_000_000,
+    "max_concurrency": 100_000,
+}
 
 
 def pctl(samples: list[float], q: float) -> float:
@@ -55,7 +59,11 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
     noop_sha = raw.script_load("return 1")
     pool = make_pool(url, ns, 10, "openai")
     km = EnhancedAPIKeyManager(pool=pool)
-    sizes = {10: pool, 1000: make_pool(url, ns, 1000, "p1k"), 10000: make_pool(url, ns, 10000, "p10k")}
+    sizes = {
+        10: pool,
+        1000: make_pool(url, ns, 1000, "p1k"),
+        10000: make_pool(url, ns, 10000, "p10k"),
+    }
     providers = {10: "openai", 1000: "p1k", 10000: "p10k"}
 
     limiter: Any = None
@@ -88,7 +96,9 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         steps.append(lambda: timed(lambda: raw.evalsha(noop_sha, 0), batch, add("no-op EVALSHA")))
         if limiter is not None:
             steps.append(
-                lambda: timed(lambda: limiter.hit(item, "bench", ns), batch, add("limits moving-window hit"))
+                lambda: timed(
+                    lambda: limiter.hit(item, "bench", ns), batch, add("limits moving-window hit")
+                )
             )
 
         def leases_then_success() -> None:
@@ -158,7 +168,9 @@ def _throughput_worker(args: tuple[str, str, str, int, float, Any]) -> int:
     return done
 
 
-def throughput_suite(url: str, ns: str, procs: list[int], seconds: float) -> dict[str, dict[str, float]]:
+def throughput_suite(
+    url: str, ns: str, procs: list[int], seconds: float
+) -> dict[str, dict[str, float]]:
     ctx = mp.get_context("spawn")
     out: dict[str, dict[str, float]] = {}
     for n in procs:
@@ -206,8 +218,12 @@ def drop(url: str, ns: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("KEYPOOL_BENCH_URL", "redis://127.0.0.1:6379/0"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url", default=os.environ.get("KEYPOOL_BENCH_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--procs", default="1,2,4,8")
@@ -219,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = "kpbench-" + uuid.uuid4().hex[:8]
     try:
         lat = latency_suite(args.url, ns, args.rounds, args.batch)
-        tput = {} if args.skip_throughput else throughput_suite(
-            args.url, ns, [int(p) for p in args.procs.split(",")], args.seconds
+        tput = (
+            {}
+            if args.skip_throughput
+            else throughput_suite(
+                args.url, ns, [int(p) for p in args.procs.split(",")], args.seconds
+            )
         )
         mem = import_and_memory(args.url, ns)
     finally:
@@ -229,17 +249,42 @@ def main(argv: list[str] | None = None) -> int:
     ping = lat["redis PING"]["p50_us"]
     noop = lat["no-op EVALSHA"]["p50_us"]
     info = redis.Redis.from_url(args.url).info("server")
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"Redis {info.get('redis_version')}, hiredis: {_has_hiredis()}")
-    print(f"\n| operation | p50 µs | p99 µs | p50 / PING | p50 / no-op EVALSHA |\n|---|---|---|---|---|")
-    for name, row in lat.items():
-        print(f"| {name} | {row['p50_us']:.1f} | {row['p99_us']:.1f} | {row['p50_us'] / ping:.2f} | {row['p50_us'] / noop:.2f} |")
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, Redis {info.get('redis_version')}, "
+        f"hiredis: {_has_hiredis()}"
+    )
+    table(
+        ["operation", "p50 µs", "p99 µs", "p50 / PING", "p50 / no-op EVALSHA"],
+        [
+            [
+                name,
+                f"{r['p50_us']:.1f}",
+                f"{r['p99_us']:.1f}",
+                f"{r['p50_us'] / ping:.2f}",
+                f"{r['p50_us'] / noop:.2f}",
+            ]
+            for name, r in lat.items()
+        ],
+    )
     if tput:
-        print("\n| processes | no-op EVALSHA pairs/s | acquire+success/s | ratio |\n|---|---|---|---|")
-        for n, row in tput.items():
-            print(f"| {n} | {row['evalsha']:.0f} | {row['keypool']:.0f} | {row['keypool'] / row['evalsha']:.2f} |")
-    print(f"\nimport of 10,000 keys: {mem['import_10k_s']:.2f} s; Redis memory per key: "
-          f"{mem['bytes_per_key']:.0f} bytes ({mem['redis_keys']} Redis keys, budgets and leases in use)")
+        table(
+            ["processes", "no-op EVALSHA pairs/s", "acquire+success/s", "ratio"],
+            [
+                [
+                    n,
+                    f"{r['evalsha']:.0f}",
+                    f"{r['keypool']:.0f}",
+                    f"{r['keypool'] / r['evalsha']:.2f}",
+                ]
+                for n, r in tput.items()
+            ],
+        )
+    print(
+        f"\nimport of 10,000 keys: {mem['import_10k_s']:.2f} s; Redis memory per key: "
+        f"{mem['bytes_per_key']:.0f} bytes ({mem['redis_keys']} Redis keys, "
+        "budgets and leases in use)"
+    )
 
     targets = {
         "acquire p50 <= limits hit p50": lat["acquire"]["p50_us"]
@@ -255,13 +300,23 @@ def main(argv: list[str] | None = None) -> int:
         targets["4-process throughput >= 0.5 x no-op pairs"] = (
             tput["4"]["keypool"] >= 0.5 * tput["4"]["evalsha"]
         )
-    print("\n| target | met |\n|---|---|")
-    for name, ok in targets.items():
-        print(f"| {name} | {'yes' if ok else 'NO'} |")
+    table(["target", "met"], [[name, "yes" if ok else "NO"] for name, ok in targets.items()])
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"latency": lat, "throughput": tput, "memory": mem, "targets": targets}, fh, indent=2)
+            json.dump(
+                {"latency": lat, "throughput": tput, "memory": mem, "targets": targets},
+                fh,
+                indent=2,
+            )
     return 0
+
+
+def table(header: list[str], rows: list[list[str]]) -> None:
+    """Print a Markdown table."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 def _has_hiredis() -> bool:

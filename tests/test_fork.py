@@ -70,9 +70,8 @@ def test_threads_share_one_pool(redis_url: str, namespace: str) -> None:
     def work() -> None:
         try:
             for _ in range(50):
-                with pool.acquire("openai") as lease:
-                    with lock:
-                        seen[lease.key_id] += 1
+                with pool.acquire("openai") as lease, lock:
+                    seen[lease.key_id] += 1
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
