@@ -34,6 +34,7 @@ from .store import open_store_async
 __all__ = ["AcquireContext", "AsyncKeyPool"]
 
 T = TypeVar("T")
+MAX_IN_FLIGHT = 64
 
 
 class AcquireContext:
@@ -87,10 +88,29 @@ class AsyncKeyPool(PoolCore):
             socket_timeout=self.settings.socket_timeout,
             connect_timeout=self.settings.connect_timeout,
         )
+        self._gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
     # ------------------------------------------------------------------ running flows
 
+    def _gate(self) -> asyncio.Semaphore:
+        """At most MAX_IN_FLIGHT store operations of this pool at once (per event loop):
+        a burst of tasks queues here instead of exhausting the connection pools."""
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            if len(self._gates) > 8:  # forget loops that are gone (asyncio.run per test)
+                self._gates = {lp: g for lp, g in self._gates.items() if not lp.is_closed()}
+            gate = self._gates[loop] = asyncio.Semaphore(MAX_IN_FLIGHT)
+        return gate
+
     async def _execute(self, op: Any) -> Any:
+        if type(op) is Sleep:
+            await asyncio.sleep(op.seconds)
+            return None
+        async with self._gate():
+            return await self._execute_now(op)
+
+    async def _execute_now(self, op: Any) -> Any:
         client = self._client
         if type(op) is Run:
             space = self._space(op.provider)

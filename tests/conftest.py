@@ -8,6 +8,7 @@ Under ``CI=true`` a missing server fails the run instead of skipping.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,11 +54,33 @@ def namespace() -> str:
     return "kptest-" + uuid.uuid4().hex[:10]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def matrix_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A three-master Redis Cluster on free ports, started the first time a test asks."""
+    from tests.cluster import start_cluster
+
+    if shutil.which("redis-server") is None:
+        if IN_CI:
+            pytest.fail("CI=true but redis-server is not installed", pytrace=False)
+        pytest.skip("redis-server is not installed")
+    running = start_cluster(tmp_path_factory.mktemp("matrix-cluster"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store_url(request: pytest.FixtureRequest, namespace: str) -> Iterator[str]:
-    """A store URL of each kind; the namespace fixture keeps tests apart."""
+    """A store URL of each kind: the embedded store, one Redis, a three-master Redis
+    Cluster. The namespace fixture keeps tests apart."""
     if request.param == "memory":
         yield f"memory://{namespace}"
+        return
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("matrix_cluster")
+        yield cluster.url
+        cluster.delete(f"{namespace}:*")
         return
     require_redis()
     yield REDIS_URL

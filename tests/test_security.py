@@ -345,7 +345,7 @@ def test_no_secret_in_store_logs_errors_or_reprs(
         pool.stats(OPENAI, "ok")  # nothing was written by the rejected calls
 
     # Redis loses the state: the pool puts its keys back (and logs it)
-    client = redis.Redis.from_url(store_url) if store_url.startswith("redis") else pool._client
+    client = redis.Redis.from_url(store_url) if store_url.startswith("redis:") else pool._client
     for name in list(client.scan_iter(match=f"{namespace}:*")):
         client.delete(name)
     lease = pool.acquire(OPENAI, model="gpt-4o")
