@@ -451,22 +451,48 @@ class PoolCore:
             self._held.get(name, {}).pop(key_id, None)
         if reply[0] == "UNKNOWN":
             raise UnknownKey(f"no key {key_id!r} for provider {name!r}")
+        yield from self._forget_models_flow(name, reply)
         self._log.info("key_removed", provider=name, key_id=key_id)
+
+    def _forget_models_flow(self, provider: str, reply: list[Any]) -> Flow:
+        """Models left with no key of ``provider`` no longer list it (nothing accumulates)."""
+        emptied = reply[2] if len(reply) > 2 else []
+        if emptied:
+            yield CmdMany(
+                [("srem", (model_providers_key(self.namespace, m), provider)) for m in emptied]
+            )
+            for model in emptied:
+                self._model_cache.pop(model, None)
+
+    def _recover_flow(self, provider: str, key_id: str) -> Flow:
+        """Redis does not know a key this process holds. Either Redis lost the pool's state
+        (the epoch changed): put every held key back, True. Or another process (an operator)
+        removed it: forget it here too so it is not brought back, False."""
+        if not self._holds(provider, key_id):
+            return False
+        epoch = yield Cmd("hget", (self._space(provider).keys[0], "epoch"))
+        if epoch is not None and epoch == self._epochs.get(provider):
+            with self._lock:
+                self._held.get(provider, {}).pop(key_id, None)
+            return False
+        yield from self._reregister_flow(provider)
+        return True
 
     def _admin_flow(self, provider: str, key_id: str, action: str, *args: Any) -> Flow:
         argv = [key_id, action, *args] if args else [key_id, action, ""]
         reply = yield Run(scripts.ADMIN, provider, argv)
-        if reply[0] == "UNKNOWN" and self._holds(provider, key_id):
-            yield from self._reregister_flow(provider)
+        if reply[0] == "UNKNOWN" and (yield from self._recover_flow(provider, key_id)):
             reply = yield Run(scripts.ADMIN, provider, argv)
         if reply[0] == "UNKNOWN":
             raise UnknownKey(f"no key {key_id!r} for provider {provider!r}")
-        return int(reply[1])
+        return reply
 
     def _assign_flow(self, model: str, provider: object, key_id: str, assign: bool) -> Flow:
         model = validate_model(model)
         name, key_id = normalize_provider(provider), validate_key_id(key_id)
-        yield from self._admin_flow(name, key_id, "assign" if assign else "unassign", model)
+        reply = yield from self._admin_flow(name, key_id, "assign" if assign else "unassign", model)
+        if not assign:
+            yield from self._forget_models_flow(name, reply)
         with self._lock:
             held = self._held.get(name, {}).get(key_id)
             if held is not None:
@@ -481,14 +507,14 @@ class PoolCore:
         if not isinstance(reason, str) or len(reason) > 200:
             raise ValueError(f"invalid reason {reason!r}: expected a str of at most 200 characters")
         reason = redact(reason)  # an operator may paste an error text that holds a key
-        if (yield from self._admin_flow(name, key_id, "disable", reason)):
+        if int((yield from self._admin_flow(name, key_id, "disable", reason))[1]):
             self._log.warning(
                 "key_disabled", provider=name, key_id=key_id, reason=reason or "manual"
             )
 
     def _enable_flow(self, provider: object, key_id: str) -> Flow:
         name, key_id = normalize_provider(provider), validate_key_id(key_id)
-        if (yield from self._admin_flow(name, key_id, "enable")):
+        if int((yield from self._admin_flow(name, key_id, "enable"))[1]):
             self._log.info("key_enabled", provider=name, key_id=key_id)
 
     def _reset_flow(self, provider: object, key_id: str) -> Flow:
@@ -501,8 +527,7 @@ class PoolCore:
     def _stats_flow(self, provider: object, key_id: str) -> Flow:
         name, key_id = normalize_provider(provider), validate_key_id(key_id)
         found = parse_stats_reply(name, (yield Run(scripts.STATS, name, [key_id])))
-        if not found and self._holds(name, key_id):
-            yield from self._reregister_flow(name)
+        if not found and (yield from self._recover_flow(name, key_id)):
             found = parse_stats_reply(name, (yield Run(scripts.STATS, name, [key_id])))
         if not found:
             raise UnknownKey(f"no key {key_id!r} for provider {name!r}")
@@ -727,8 +752,7 @@ class PoolCore:
     ) -> Flow:
         args = self._mark_args(key_id, lease_id, outcome, est, tokens, latency, failure)
         reply = yield Run(scripts.REPORT, provider, args)
-        if reply[0] == "UNKNOWN" and self._holds(provider, key_id):
-            yield from self._reregister_flow(provider)
+        if reply[0] == "UNKNOWN" and (yield from self._recover_flow(provider, key_id)):
             reply = yield Run(scripts.REPORT, provider, args)
         if reply[0] == "UNKNOWN":
             if lease_id:

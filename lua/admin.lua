@@ -13,7 +13,8 @@
 --             unassign  ARGV[4] = model               it no longer is
 --             renew     ARGV[4] = lease id, ARGV[5] = ttl ms   extend an open lease
 --
--- Reply: {'OK', changed (1/0)} or {'UNKNOWN'} when the key is not registered.
+-- Reply: {'OK', changed (1/0)[, models left with no key of this provider]} or {'UNKNOWN'}
+-- when the key is not registered.
 
 local id, action, arg = ARGV[2], ARGV[3], ARGV[4]
 local h = key_hash(id)
@@ -45,9 +46,13 @@ elseif action == 'remove' then
     if string.sub(leases[i], 1, #mine) == mine then redis.call('ZREM', K_LEASES, leases[i]) end
   end
   local models = cjson.decode(redis.call('HGET', h, 'models') or '[]')
-  for i = 1, #models do redis.call('SREM', model_set(models[i]), id) end
+  local emptied = {}
+  for i = 1, #models do
+    redis.call('SREM', model_set(models[i]), id)
+    if redis.call('EXISTS', model_set(models[i])) == 0 then emptied[#emptied + 1] = models[i] end
+  end
   redis.call('DEL', h, key_leases(id))
-  return { 'OK', 1 }
+  return { 'OK', 1, emptied }
 elseif action == 'assign' or action == 'unassign' then
   local models = cjson.decode(redis.call('HGET', h, 'models') or '[]')
   local kept, found = {}, false
@@ -68,7 +73,9 @@ elseif action == 'assign' or action == 'unassign' then
   else
     redis.call('HDEL', h, 'models')
   end
-  return { 'OK', changed }
+  local emptied = {}
+  if redis.call('EXISTS', model_set(arg)) == 0 then emptied[1] = arg end
+  return { 'OK', changed, emptied }
 elseif action == 'renew' then
   local member = id .. '/' .. arg
   if not redis.call('ZSCORE', K_LEASES, member) then return { 'OK', 0 } end

@@ -1046,3 +1046,40 @@ def test_public_names_exist() -> None:
         "ConfigError",
     ):
         assert hasattr(keypool, name), name
+
+
+def test_model_index_forgets_models_whose_keys_are_gone(
+    make_pool: Callable[..., KeyPool], raw: Any, namespace: str
+) -> None:
+    pool = make_pool()
+    for i in range(3):
+        pool.add_key("openai", f"k{i}", f"secret-model-index-{i}", models=[f"m{i}"])
+    pool.assign_model("shared", "openai", "k0")
+    pool.assign_model("shared", "openai", "k1")
+    pool.remove_key("openai", "k2")
+    pool.unassign_model("m1", "openai", "k1")
+    pool.unassign_model("shared", "openai", "k0")  # k1 still serves "shared"
+    left = sorted(raw.scan_iter(match=f"{namespace}:model:*"))
+    assert left == [f"{namespace}:model:m0", f"{namespace}:model:shared"]
+    assert raw.smembers(f"{namespace}:model:shared") == {"openai"}
+    with pytest.raises(NoKeyAvailable) as missing:
+        pool.acquire(model="m2")
+    assert missing.value.retry_after is None
+
+
+def test_a_key_removed_by_another_process_stays_removed(
+    make_pool: Callable[..., KeyPool],
+) -> None:
+    operator, worker = make_pool(), make_pool()
+    for pool in (operator, worker):
+        pool.add_key("openai", "k1", "secret-removed-1")
+        pool.add_key("openai", "k2", "secret-removed-2")
+    lease = worker.acquire("openai")
+    operator.remove_key("openai", lease.key_id)
+    lease.success()  # the worker's call ends after the removal: no error, no resurrection
+    with pytest.raises(UnknownKey):
+        worker.stats("openai", lease.key_id)
+    assert [s.key_id for s in operator.snapshot("openai")] == sorted({"k1", "k2"} - {lease.key_id})
+    for _ in range(4):
+        with worker.acquire("openai") as again:
+            assert again.key_id != lease.key_id
