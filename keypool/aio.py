@@ -193,7 +193,10 @@ class AsyncKeyPool(PoolCore):
     async def load_env(self, environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
         """See :meth:`KeyPool.load_env`."""
         entries, found = self._load_env_entries(environ)
-        await self.add_keys(entries)
+        # keys from the environment keep any weight and limits set for them (by the CLI)
+        await self._adrive(
+            self._add_keys_flow(entries, 1.0, None, None, None, None, (), keep_config=True)
+        )
         return found
 
     async def close(self) -> None:

@@ -34,6 +34,7 @@ from .errors import (
     ConfigError,
     KeyPoolError,
     NoKeyAvailable,
+    NoUsableKey,
     PoolUnavailable,
     SecretUnavailable,
     UnknownKey,
@@ -116,6 +117,7 @@ class Held:
     rpd: int
     maxc: int
     models: set[str]
+    keep_config: bool = False  # weight and limits not given: keep what Redis has
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +262,8 @@ class PoolCore:
             )
         self._lock = threading.RLock()
         self._held: dict[str, dict[str, Held]] = {}
+        self._unusable: dict[str, set[str]] = {}  # keys picked here whose secret we lack
+        self._unusable_why: dict[str, str] = {}
         self._epochs: dict[str, str] = {}
         self._spaces: dict[str, ProviderKeys] = {}
         self._model_cache: dict[str, tuple[float, tuple[str, ...]]] = {}
@@ -332,6 +336,7 @@ class PoolCore:
         rpd: int | None,
         max_concurrency: int | None,
         models: Iterable[str] | str,
+        keep_config: bool = False,
     ) -> Flow:
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise ValueError(f"invalid weight {weight!r}: expected a number > 0")
@@ -351,7 +356,9 @@ class PoolCore:
             name = normalize_provider(provider)
             key_id = validate_key_id(key_id)
             secret = check_secret(key_id, secret)
-            held = Held(secret, fingerprint(secret), float(weight), *limits, set(model_list))
+            held = Held(
+                secret, fingerprint(secret), float(weight), *limits, set(model_list), keep_config
+            )
             checked.append((name, key_id, held))
         for start in range(0, len(checked), _REGISTER_CHUNK):
             yield from self._register_flow(checked[start : start + _REGISTER_CHUNK])
@@ -365,7 +372,11 @@ class PoolCore:
                 previous = self._held.setdefault(provider, {}).get(key_id)
                 if previous is not None and previous.fp == held.fp:
                     held.models |= previous.models
+                if previous is not None and held.keep_config and not previous.keep_config:
+                    held.weight, held.rpm, held.tpm = previous.weight, previous.rpm, previous.tpm
+                    held.rpd, held.maxc, held.keep_config = previous.rpd, previous.maxc, False
                 self._held[provider][key_id] = held
+                self._unusable.get(provider, set()).discard(key_id)
                 remember_secret(held.secret)
         calls = [(p, self._register_args(p, k, h)) for p, k, h in batch]
         if len(calls) == 1:
@@ -398,14 +409,13 @@ class PoolCore:
         sealed = ""
         if self._sealer is not None:
             sealed = self._sealer.seal(held.secret, self._seal_context(provider, key_id))
+        config: list[Any] = [repr(held.weight), held.rpm, held.tpm, held.rpd, held.maxc]
+        if held.keep_config:
+            config = [""] * 5
         return [
             key_id,
             held.fp,
-            repr(held.weight),
-            held.rpm,
-            held.tpm,
-            held.rpd,
-            held.maxc,
+            *config,
             sealed,
             uuid.uuid4().hex[:12],
             json.dumps(sorted(held.models)),
@@ -598,6 +608,8 @@ class PoolCore:
         if name is None and model is None:
             raise ValueError("acquire needs a provider, or a model with assigned keys")
         deadline = time.monotonic() + (wait_s or 0.0)
+        poll = 0.005
+        rechecked = False
         while True:
             if name is not None:
                 candidates: tuple[str, ...] = (name,)
@@ -616,9 +628,34 @@ class PoolCore:
                 if retry_after is not None and (earliest is None or retry_after < earliest):
                     earliest = retry_after
             remaining = deadline - time.monotonic()
-            if wait_s and earliest is not None and earliest <= remaining:
-                yield Sleep(earliest + 0.001)
-                continue
+            if wait_s and remaining > 0 and earliest is not None:
+                if earliest <= remaining:
+                    yield Sleep(earliest + 0.001)
+                    continue
+                if why == "concurrency":
+                    # a lease may be given back any moment, earlier than it would expire
+                    poll = min(poll * 2, 0.25, remaining)
+                    yield Sleep(poll)
+                    continue
+            if earliest is None and any(self._unusable.get(c) for c in candidates):
+                if not rechecked:
+                    # maybe re-added or re-sealed since: look at those keys once more
+                    rechecked = True
+                    with self._lock:
+                        for c in candidates:
+                            self._unusable.pop(c, None)
+                    continue
+                skipped = sorted(k for c in candidates for k in self._unusable.get(c, ()))
+                why_not = "; ".join(
+                    self._unusable_why[c] for c in candidates if c in self._unusable_why
+                )
+                raise NoUsableKey(
+                    f"no key of {name or 'any provider'!r} is usable by this process (skipped: "
+                    f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}): {why_not}",
+                    retry_after=None,
+                    provider=name,
+                    model=model,
+                )
             raise self._no_key(name, model, earliest, why)
 
     @staticmethod
@@ -656,14 +693,28 @@ class PoolCore:
             avoid[1] if avoid is not None and avoid[0] == provider else "",
             "",
             "1" if model_only else "",
+            "",
         ]
-        for _attempt in range(3):
+        lost = 0
+        for _attempt in range(16):
             args[6] = self._epochs.get(provider, "")
+            args[8] = " ".join(sorted(self._unusable.get(provider, ())))
             reply = yield Run(scripts.ACQUIRE, provider, args)
             status = reply[0]
             if status == "OK":
                 key_id, fp, sealed = reply[1], reply[2], reply[3]
-                secret = yield from self._secret_flow(provider, key_id, fp, sealed, lease_id)
+                try:
+                    secret = yield from self._secret_flow(provider, key_id, fp, sealed, lease_id)
+                except SecretUnavailable as exc:
+                    # a key this process cannot use (registered elsewhere without sealing,
+                    # or sealed with another sealing key): never pick it here again
+                    with self._lock:
+                        self._unusable.setdefault(provider, set()).add(key_id)
+                        self._unusable_why[provider] = str(exc)
+                    self._log.warning(
+                        "key_unusable_here", provider=provider, key_id=key_id, reason=str(exc)
+                    )
+                    continue
                 return Picked(provider, key_id, secret, lease_id, model, tokens)
             if status == "NONE":
                 ms = float(reply[1])
@@ -672,6 +723,9 @@ class PoolCore:
             # old epoch is kept while they go back: another thread of this process meanwhile
             # gets LOST too (and re-registers, an idempotent upsert) instead of finding the
             # pool empty and answering NoKeyAvailable.
+            lost += 1
+            if lost > 3:
+                break
             if not (yield from self._reregister_flow(provider)):
                 self._epochs.pop(provider, None)
         raise KeyPoolError(f"the pool state of provider {provider!r} keeps changing; giving up")

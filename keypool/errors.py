@@ -6,6 +6,7 @@ __all__ = [
     "ConfigError",
     "KeyPoolError",
     "NoKeyAvailable",
+    "NoUsableKey",
     "PoolUnavailable",
     "SecretUnavailable",
     "UnknownKey",
@@ -52,3 +53,9 @@ class PoolUnavailable(KeyPoolError):
 
 class ConfigError(KeyPoolError, ValueError):
     """The configuration (settings, URL, environment) is invalid."""
+
+
+class NoUsableKey(NoKeyAvailable, SecretUnavailable):
+    """No key can serve that this process can use: the pool has keys, but their secrets are
+    not registered here (or are sealed with another sealing key). Both a
+    :class:`NoKeyAvailable` and a :class:`SecretUnavailable`."""

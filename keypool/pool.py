@@ -146,7 +146,8 @@ class KeyPool(PoolCore):
         """Register the keys found in the environment (``OPENAI_API_KEY``,
         ``OPENAI_API_KEYS``, ``HF_<NAME>_KEY``, ...). Returns their (provider, key_id)."""
         entries, found = self._load_env_entries(environ)
-        self.add_keys(entries)
+        # keys from the environment keep any weight and limits set for them (by the CLI)
+        self._drive(self._add_keys_flow(entries, 1.0, None, None, None, None, (), keep_config=True))
         return found
 
     def close(self) -> None:

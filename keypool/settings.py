@@ -63,6 +63,12 @@ class KeyPoolSettings(BaseSettings):
     log_format: Literal["console", "json"] = Field(default="console")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(default="warning")
 
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise config_error_from(exc) from None
+
     @field_validator("redis_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
@@ -93,10 +99,7 @@ class KeyPoolSettings(BaseSettings):
 def load_settings(**overrides: object) -> KeyPoolSettings:
     """Build settings from the environment, turning validation errors into ``ConfigError``
     that names each bad ``KEYPOOL_*`` variable."""
-    try:
-        return KeyPoolSettings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        raise config_error_from(exc) from None
+    return KeyPoolSettings(**overrides)
 
 
 def config_error_from(exc: ValidationError) -> ConfigError:

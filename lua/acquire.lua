@@ -12,6 +12,7 @@
 -- ARGV[8]  the pool epoch this process registered its keys under ('' to skip the check)
 -- ARGV[9]  '1' when only the model's keys may serve even if it has none here (the provider
 --          was found through the model), '' otherwise
+-- ARGV[10] key ids this process cannot use (no secret for them here), space-separated
 --
 -- Reply:
 --   {'OK', key_id, fingerprint, sealed_secret_or_empty, now_ms}
@@ -27,6 +28,8 @@ local model = ARGV[6]
 local avoid = ARGV[7]
 local want_epoch = ARGV[8]
 local model_only = ARGV[9] == '1'
+local unusable = {}
+for id in string.gmatch(ARGV[10] or '', '%S+') do unusable[id] = true end
 
 local zi = STRATEGY_INDEX[strategy]
 if not zi then return redis.error_reply('ERR keypool: unknown strategy ' .. strategy) end
@@ -91,6 +94,7 @@ end
 local fallback = nil   -- the avoided key, when it is the only one that could serve
 
 local function consider(id)
+  if unusable[id] then return nil end
   local s = load(id)
   if not s then
     for j = 1, #ACTIVE do redis.call('ZREM', STRATEGY_ZSETS[ACTIVE[j]], id) end
@@ -114,6 +118,7 @@ end
 
 -- The earliest moment a waiting key could take this request (exact for its size).
 local function consider_waiting(id, wait_score)
+  if unusable[id] then return end
   local s = load(id)
   if not s then return end
   local at = math.max(wait_score, budget_at(s.tpm, MINUTE, s.t_tpm, tokens))

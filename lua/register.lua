@@ -6,8 +6,8 @@
 -- ARGV[1]   key prefix "<ns>:{<provider>}:"
 -- ARGV[2]   key id
 -- ARGV[3]   fingerprint of the secret
--- ARGV[4]   weight (> 0)
--- ARGV[5]   rpm limit (0 = none)
+-- ARGV[4]   weight (> 0)                    ARGV[4..8]: '' = keep the key's current value
+-- ARGV[5]   rpm limit (0 = none)                         (the default for a new key)
 -- ARGV[6]   tpm limit (0 = none)
 -- ARGV[7]   rpd limit (0 = none)
 -- ARGV[8]   max concurrent leases (0 = none)
@@ -30,8 +30,20 @@ end
 local old_fp = redis.call('HGET', h, 'fp')
 local result = 'updated'
 redis.call('SADD', K_ALL, id)
-redis.call('HSET', h, 'id', id, 'fp', fp, 'weight', ARGV[4], 'rpm', ARGV[5], 'tpm', ARGV[6],
-  'rpd', ARGV[7], 'maxc', ARGV[8])
+-- weight and limits: '' keeps what the key has (keys loaded from the environment must not
+-- undo limits an operator set), or the default for a new key
+local cfg = { 'id', id, 'fp', fp }
+local names = { 'weight', 'rpm', 'tpm', 'rpd', 'maxc' }
+local defaults = { '1.0', '0', '0', '0', '0' }
+for i = 1, 5 do
+  local v = ARGV[3 + i]
+  if v ~= '' then
+    cfg[#cfg + 1] = names[i]; cfg[#cfg + 1] = v
+  elseif not old_fp then
+    cfg[#cfg + 1] = names[i]; cfg[#cfg + 1] = defaults[i]
+  end
+end
+redis.call('HSET', h, unpack(cfg))
 if ARGV[9] ~= '' then
   redis.call('HSET', h, 'sealed', ARGV[9])
 elseif old_fp ~= fp then

@@ -119,7 +119,10 @@ else
   else
     s.consec = s.consec + 1
     set('consec', s.consec)
-    if s.circ == 'half' or s.circ == 'open' or s.consec >= threshold then
+    -- server, timeout, connection: the circuit breaker. 'other' (an unclassified error,
+    -- often the caller's own bug) is counted and ranks the key lower for `best`, but
+    -- does not take the key out of service.
+    if outcome ~= 'other' and (s.circ == 'half' or s.circ == 'open' or s.consec >= threshold) then
       s.opens = s.opens + 1
       set('opens', s.opens)
       local dur = math.min(cb_base * 2 ^ (s.opens - 1), cb_cap)

@@ -1083,3 +1083,50 @@ def test_a_key_removed_by_another_process_stays_removed(
     for _ in range(4):
         with worker.acquire("openai") as again:
             assert again.key_id != lease.key_id
+
+
+def test_keys_this_process_cannot_use_are_skipped(make_pool: Callable[..., KeyPool]) -> None:
+    operator, worker = make_pool(), make_pool()
+    operator.add_key("openai", "added-elsewhere", "secret-only-the-operator-has")
+    worker.add_key("openai", "mine", "secret-the-worker-has")
+    for _ in range(6):
+        with worker.acquire("openai") as lease:
+            assert lease.key_id == "mine"
+    manager = keypool.EnhancedAPIKeyManager(pool=worker)
+    assert manager.get_next_key("openai") == ("mine", "secret-the-worker-has")
+    worker.disable_key("openai", "mine")
+    with pytest.raises(NoKeyAvailable) as none:
+        worker.acquire("openai")
+    assert none.value.retry_after is None
+    assert isinstance(none.value, keypool.SecretUnavailable)
+    assert "added-elsewhere" in str(none.value)
+    assert manager.get_next_key("openai") == (None, None)
+
+
+def test_keys_from_the_environment_keep_limits_set_for_them(
+    make_pool: Callable[..., KeyPool],
+) -> None:
+    operator = make_pool()
+    operator.add_key("openai", "default", "sk-env-limits-0123456789", rpm=100, weight=3.0)
+    worker = make_pool()
+    worker.load_env({"OPENAI_API_KEY": "sk-env-limits-0123456789"})
+    stats = worker.stats("openai", "default")
+    assert (stats.rpm, stats.weight) == (100, 3.0)
+    operator.add_key("openai", "default", "sk-env-limits-0123456789")  # explicit: as given
+    assert worker.stats("openai", "default").rpm is None
+
+
+def test_wait_wakes_when_another_holder_gives_a_lease_back(
+    make_pool: Callable[..., KeyPool],
+) -> None:
+    import threading
+
+    pool = make_pool(lease_ttl=60)
+    pool.add_key("openai", "only", "secret-wait-release", max_concurrency=1)
+    held = pool.acquire("openai")
+    threading.Timer(0.5, held.success).start()
+    started = time.monotonic()
+    with pool.acquire("openai", wait=5) as lease:
+        waited = time.monotonic() - started
+        assert lease.key_id == "only"
+    assert 0.4 <= waited < 2.0, waited

@@ -24,7 +24,9 @@ SERVICE = "mymaster"
 PROVIDER = "openai"
 SOCKET_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 0.5
-BOUND = SOCKET_TIMEOUT + CONNECT_TIMEOUT + 0.5  # a failing call raises within this
+# a failing call raises within this: one retry on a fresh connection (asking the sentinels
+# again) may follow the first attempt
+BOUND = 2 * (SOCKET_TIMEOUT + CONNECT_TIMEOUT) + 0.5
 FAILOVER_DEADLINE = 25.0  # seconds from the kill until calls must be served again
 
 
