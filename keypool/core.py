@@ -665,7 +665,12 @@ class PoolCore:
         what = f"provider {provider!r}" if provider else "any provider"
         if model is not None:
             what += f" for model {model!r}"
-        hint = f"; retry after {retry_after:.3f}s" if retry_after is not None else "; none will be"
+        if retry_after is not None:
+            hint = f"; retry after {retry_after:.3f}s"
+        elif why == "no_keys":
+            hint = "; no keys are registered for it (check the provider or model name)"
+        else:
+            hint = "; none will become available by itself"
         return NoKeyAvailable(
             f"no key of {what} is available ({why}){hint}",
             retry_after=retry_after,

@@ -272,6 +272,8 @@ def parse_key_file(text: str) -> list[tuple[str | None, str]]:
                 )
         else:
             key_id, secret = None, line
+        if len(secret) >= 2 and secret[0] == secret[-1] and secret[0] in "\"'":
+            secret = secret[1:-1].strip()  # KEY="..." as in a .env file
         if re.search(r"\s", secret):
             where = "" if key_id is None else f" for key id {key_id!r}"
             raise ValueError(

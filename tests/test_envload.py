@@ -466,3 +466,10 @@ def test_parse_key_file_whitespace_in_secret(line: str, where: str) -> None:
     assert message.startswith(f"line 2: secret{where} contains whitespace")
     assert SECRET_A not in message
     assert SECRET_B not in message
+
+
+def test_key_file_values_in_quotes_lose_the_quotes() -> None:
+    assert parse_key_file("team-a=\"sk-quoted-1\"\n'sk-quoted-2'\n") == [
+        ("team-a", "sk-quoted-1"),
+        (None, "sk-quoted-2"),
+    ]
