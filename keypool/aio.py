@@ -7,25 +7,17 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, S
 from types import TracebackType
 from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError
-
 from .classify import Failure
 from .core import (
     Cmd,
     CmdMany,
     Flow,
+    Invoke,
     Picked,
     PoolCore,
     Run,
-    RunMany,
     Sleep,
-    call_plan,
-    earlier,
-    max_attempts_arg,
-    spent,
 )
-from .errors import NoKeyAvailable
-from .kinds import ErrorKind
 from .lease import AsyncLease
 from .settings import KeyPoolSettings
 from .stats import KeyStats
@@ -107,6 +99,8 @@ class AsyncKeyPool(PoolCore):
         if type(op) is Sleep:
             await asyncio.sleep(op.seconds)
             return None
+        if type(op) is Invoke:  # the caller's own call: it holds no place at the gate
+            return await self._invoke(op)
         async with self._gate():
             return await self._execute_now(op)
 
@@ -124,40 +118,20 @@ class AsyncKeyPool(PoolCore):
             pipe = client.pipeline(transaction=False)
             for name, args in op.cmds:
                 getattr(pipe, name)(*args)
-            return await pipe.execute()
-        if type(op) is RunMany:
-            return await self._run_many(op)
+            return await pipe.execute(raise_on_error=op.raise_on_error)
         raise TypeError(f"unknown operation {op!r}")
 
-    async def _run_many(self, op: RunMany) -> list[Any]:
-        """See :meth:`KeyPool._run_many`."""
-        client = self._client
-        calls = [self._script_call(provider, argv) for provider, argv in op.calls]
-
-        async def pipelined(indexes: list[int]) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for i in indexes:
-                keys, args = calls[i]
-                pipe.execute_command("EVALSHA", op.script.sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
-
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _attempt in range(3):
-            for i, reply in zip(todo, await pipelined(todo), strict=True):
-                replies[i] = reply
-            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
-            if not todo:
-                break
-            await client.script_load(op.script.source)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    def _script_call(self, provider: str, argv: list[Any]) -> tuple[list[str], list[Any]]:
-        space = self._space(provider)
-        return space.keys, [space.prefix, *argv]
+    async def _invoke(self, op: Invoke) -> tuple[bool, Any]:
+        lease = AsyncLease(self, op.picked)
+        try:
+            result = await op.fn(lease)
+        except Exception as exc:
+            return False, (exc, await lease.fail(exc))
+        except BaseException:  # cancelled: not the key's fault
+            await lease.release()
+            raise
+        await lease.success()
+        return True, result
 
     async def _adrive(self, flow: Flow) -> Any:
         reply: Any = None
@@ -346,37 +320,7 @@ class AsyncKeyPool(PoolCore):
         tokens: int = 0,
     ) -> T:
         """See :meth:`KeyPool.call`; ``fn`` is an async function of the lease."""
-        attempts = max_attempts_arg(max_attempts)
-        plan = call_plan(provider, model, fallbacks)
-        last_error: Exception | None = None
-        no_key: NoKeyAvailable | None = None
-        ended_without_key = False
-        for target, target_model in plan:
-            avoid: tuple[str, str] | None = None
-            ended_without_key = False
-            for _ in range(attempts):
-                try:
-                    picked: Picked = await self._adrive(
-                        self._acquire_flow(
-                            target, target_model, strategy, tokens, wait, True, avoid
-                        )
-                    )
-                except NoKeyAvailable as exc:
-                    no_key = earlier(no_key, exc)
-                    ended_without_key = True
-                    break
-                lease = AsyncLease(self, picked)
-                try:
-                    result = await fn(lease)
-                except Exception as exc:
-                    if (await lease.fail(exc)).kind is ErrorKind.BAD_REQUEST:
-                        raise
-                    last_error = exc
-                    avoid = (picked.provider, picked.key_id)
-                    continue
-                except BaseException:  # cancelled: not the key's fault
-                    await lease.release()
-                    raise
-                await lease.success()
-                return result
-        raise spent(last_error, no_key, ended_without_key)
+        result: T = await self._adrive(
+            self._call_flow(fn, provider, model, fallbacks, max_attempts, wait, strategy, tokens)
+        )
+        return result

@@ -19,6 +19,7 @@ from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import (
     ClusterError,
     NoPermissionError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     SlotNotCoveredError,
@@ -41,6 +42,7 @@ from .errors import (
 )
 from .fingerprint import fingerprint
 from .keyspace import ProviderKeys, model_providers_key, providers_key
+from .kinds import ErrorKind
 from .log import configure_logging, get_logger, redact, remember_secret
 from .providers import normalize_provider, validate_key_id, validate_model
 from .sealing import Sealer
@@ -48,7 +50,7 @@ from .settings import STRATEGIES, KeyPoolSettings, load_settings
 from .stats import KeyStats, parse_stats_reply
 from .store import parse_url, redact_url
 
-__all__ = ["Cmd", "CmdMany", "Flow", "Picked", "PoolCore", "Run", "RunMany", "Sleep"]
+__all__ = ["Cmd", "CmdMany", "Flow", "Invoke", "Picked", "PoolCore", "Run", "Sleep"]
 
 _MODEL_CACHE_SECONDS = 5.0
 _REGISTER_CHUNK = 1000
@@ -67,14 +69,6 @@ class Run:
 
 
 @dataclass(frozen=True, slots=True)
-class RunMany:
-    """Run one script many times in one pipeline; the list of replies is sent back."""
-
-    script: scripts.Script
-    calls: list[tuple[str, list[Any]]]
-
-
-@dataclass(frozen=True, slots=True)
 class Cmd:
     """One plain Redis command (a client method name and its arguments)."""
 
@@ -84,9 +78,11 @@ class Cmd:
 
 @dataclass(frozen=True, slots=True)
 class CmdMany:
-    """Plain commands in one pipeline (not a transaction)."""
+    """Plain commands in one pipeline (not a transaction). With ``raise_on_error`` False,
+    a command's error comes back in its place among the replies."""
 
     cmds: list[tuple[str, tuple[Any, ...]]]
+    raise_on_error: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +90,18 @@ class Sleep:
     seconds: float
 
 
-Op = Run | RunMany | Cmd | CmdMany | Sleep
+@dataclass(frozen=True, slots=True)
+class Invoke:
+    """Run the caller's function with a lease on ``picked`` (for ``call``). The driver
+    reports success itself and sends back ``(True, result)``, or reports the failure and
+    sends back ``(False, (exception, failure))``; an interrupt releases the lease and
+    propagates."""
+
+    fn: Any
+    picked: Picked
+
+
+Op = Run | Cmd | CmdMany | Sleep | Invoke
 Flow = Generator[Op, Any, Any]
 
 STORE_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -382,7 +389,7 @@ class PoolCore:
         if len(calls) == 1:
             replies = [(yield Run(scripts.REGISTER, *calls[0]))]
         else:
-            replies = yield RunMany(scripts.REGISTER, calls)
+            replies = yield from self._run_many_flow(scripts.REGISTER, calls)
         index: list[tuple[str, tuple[Any, ...]]] = [
             ("sadd", (providers_key(self.namespace), *sorted({p for p, _, _ in batch})))
         ]
@@ -420,6 +427,34 @@ class PoolCore:
             uuid.uuid4().hex[:12],
             json.dumps(sorted(held.models)),
         ]
+
+    def _run_many_flow(self, script: scripts.Script, calls: list[tuple[str, list[Any]]]) -> Flow:
+        """Every call in one pipeline of EVALSHA (not a transaction; on a cluster each call
+        goes to the node that owns its keys' slot). When a server lost the script (NOSCRIPT:
+        a restart, a failover, SCRIPT FLUSH), load it and send those calls again."""
+        commands: list[tuple[str, tuple[Any, ...]]] = []
+        for provider, argv in calls:
+            space = self._space(provider)
+            keys = space.keys
+            # execute_command, not pipe.evalsha: cluster pipelines refuse evalsha, while an
+            # EVALSHA command is routed by its keys like any other
+            commands.append(
+                ("execute_command", ("EVALSHA", script.sha, len(keys), *keys, space.prefix, *argv))
+            )
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        for _attempt in range(3):
+            answered = yield CmdMany([commands[i] for i in todo], raise_on_error=False)
+            for i, reply in zip(todo, answered, strict=True):
+                replies[i] = reply
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
+            yield Cmd("script_load", (script.source,))  # on a cluster: on every primary
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise self._translate(reply)
+        return replies
 
     def _seal_context(self, provider: str, key_id: str) -> str:
         return f"{self.namespace}/{provider}/{key_id}"
@@ -878,3 +913,45 @@ class PoolCore:
             scripts.ADMIN, picked.provider, [picked.key_id, "renew", picked.lease_id, ms]
         )
         return reply[0] == "OK" and int(reply[1]) == 1
+
+    # ------------------------------------------------------------------ calling with retries
+
+    def _call_flow(
+        self,
+        fn: Any,
+        provider: object | None,
+        model: str | None,
+        fallbacks: Sequence[object],
+        max_attempts: int,
+        wait: float | None,
+        strategy: str | None,
+        tokens: int,
+    ) -> Flow:
+        """The retry loop of ``call``: another key after a failure (never the one that just
+        failed while another is available), then the fallbacks; a BAD_REQUEST at once."""
+        attempts = max_attempts_arg(max_attempts)
+        plan = call_plan(provider, model, fallbacks)
+        last_error: Exception | None = None
+        no_key: NoKeyAvailable | None = None
+        ended_without_key = False
+        for target, target_model in plan:
+            avoid: tuple[str, str] | None = None
+            ended_without_key = False
+            for _ in range(attempts):
+                try:
+                    picked = yield from self._acquire_flow(
+                        target, target_model, strategy, tokens, wait, True, avoid
+                    )
+                except NoKeyAvailable as exc:
+                    no_key = earlier(no_key, exc)
+                    ended_without_key = True
+                    break
+                succeeded, outcome = yield Invoke(fn, picked)
+                if succeeded:
+                    return outcome
+                error, failure = outcome
+                if failure.kind is ErrorKind.BAD_REQUEST:
+                    raise error
+                last_error = error
+                avoid = (picked.provider, picked.key_id)
+        raise spent(last_error, no_key, ended_without_key)

@@ -6,24 +6,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError
-
 from .classify import Failure
 from .core import (
     Cmd,
     CmdMany,
     Flow,
+    Invoke,
     PoolCore,
     Run,
-    RunMany,
     Sleep,
-    call_plan,
-    earlier,
-    max_attempts_arg,
-    spent,
 )
-from .errors import NoKeyAvailable
-from .kinds import ErrorKind
 from .lease import Lease
 from .settings import KeyPoolSettings
 from .stats import KeyStats
@@ -72,44 +64,22 @@ class KeyPool(PoolCore):
             pipe = client.pipeline(transaction=False)
             for name, args in op.cmds:
                 getattr(pipe, name)(*args)
-            return pipe.execute()
-        if type(op) is RunMany:
-            return self._run_many(op)
+            return pipe.execute(raise_on_error=op.raise_on_error)
+        if type(op) is Invoke:
+            return self._invoke(op)
         raise TypeError(f"unknown operation {op!r}")
 
-    def _run_many(self, op: RunMany) -> list[Any]:
-        """Every call of ``op`` in one pipeline of EVALSHA (not a transaction; on a cluster
-        each call goes to the node that owns its keys' slot). When a server lost the script
-        (NOSCRIPT: a restart, a failover, SCRIPT FLUSH), load it and send those calls again."""
-        client = self._client
-        calls = [self._script_call(provider, argv) for provider, argv in op.calls]
-
-        def pipelined(indexes: list[int]) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for i in indexes:
-                keys, args = calls[i]
-                # execute_command, not pipe.evalsha: cluster pipelines refuse evalsha, while
-                # an EVALSHA command is routed by its keys like any other
-                pipe.execute_command("EVALSHA", op.script.sha, len(keys), *keys, *args)
-            return list(pipe.execute(raise_on_error=False))
-
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _attempt in range(3):
-            for i, reply in zip(todo, pipelined(todo), strict=True):
-                replies[i] = reply
-            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
-            if not todo:
-                break
-            client.script_load(op.script.source)  # on a cluster: on every primary
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    def _script_call(self, provider: str, argv: list[Any]) -> tuple[list[str], list[Any]]:
-        space = self._space(provider)
-        return space.keys, [space.prefix, *argv]
+    def _invoke(self, op: Invoke) -> tuple[bool, Any]:
+        lease = Lease(self, op.picked)
+        try:
+            result = op.fn(lease)
+        except Exception as exc:
+            return False, (exc, lease.fail(exc))
+        except BaseException:  # interrupted: not the key's fault
+            lease.release()
+            raise
+        lease.success()
+        return True, result
 
     def _drive(self, flow: Flow) -> Any:
         reply: Any = None
@@ -314,37 +284,7 @@ class KeyPool(PoolCore):
         or ``(provider, model)`` pairs); each target gets ``max_attempts`` tries. A
         ``BAD_REQUEST`` is raised at once. When all is spent: the last provider error, or
         ``NoKeyAvailable`` with the earliest ``retry_after``."""
-        attempts = max_attempts_arg(max_attempts)
-        plan = call_plan(provider, model, fallbacks)
-        last_error: Exception | None = None
-        no_key: NoKeyAvailable | None = None
-        ended_without_key = False
-        for target, target_model in plan:
-            avoid: tuple[str, str] | None = None
-            ended_without_key = False
-            for _ in range(attempts):
-                try:
-                    picked = self._drive(
-                        self._acquire_flow(
-                            target, target_model, strategy, tokens, wait, True, avoid
-                        )
-                    )
-                except NoKeyAvailable as exc:
-                    no_key = earlier(no_key, exc)
-                    ended_without_key = True
-                    break
-                lease = Lease(self, picked)
-                try:
-                    result = fn(lease)
-                except Exception as exc:
-                    if lease.fail(exc).kind is ErrorKind.BAD_REQUEST:
-                        raise
-                    last_error = exc
-                    avoid = (picked.provider, picked.key_id)
-                    continue
-                except BaseException:  # interrupted: not the key's fault
-                    lease.release()
-                    raise
-                lease.success()
-                return result
-        raise spent(last_error, no_key, ended_without_key)
+        result: T = self._drive(
+            self._call_flow(fn, provider, model, fallbacks, max_attempts, wait, strategy, tokens)
+        )
+        return result
