@@ -472,10 +472,6 @@ class PoolCore:
             yield from self._register_flow([(provider, key_id, h) for key_id, h in chunk])
         return True
 
-    def _holds(self, provider: str, key_id: str) -> bool:
-        with self._lock:
-            return key_id in self._held.get(provider, {})
-
     def _load_env_entries(
         self, environ: Mapping[str, str] | None
     ) -> tuple[list[tuple[object, str, str]], list[tuple[str, str]]]:
@@ -509,16 +505,20 @@ class PoolCore:
             for model in emptied:
                 self._model_cache.pop(model, None)
 
-    def _recover_flow(self, provider: str, key_id: str) -> Flow:
-        """Redis does not know a key this process holds. Either Redis lost the pool's state
+    def _recover_flow(self, provider: str, *key_ids: str) -> Flow:
+        """Redis does not know keys this process holds. Either Redis lost the pool's state
         (the epoch changed): put every held key back, True. Or another process (an operator)
-        removed it: forget it here too so it is not brought back, False."""
-        if not self._holds(provider, key_id):
+        removed them: forget them here too so they are not brought back, False."""
+        with self._lock:
+            held = self._held.get(provider, {})
+            missing = [k for k in key_ids if k in held]
+        if not missing:
             return False
         epoch = yield Cmd("hget", (self._space(provider).keys[0], "epoch"))
         if epoch is not None and epoch == self._epochs.get(provider):
             with self._lock:
-                self._held.get(provider, {}).pop(key_id, None)
+                for key_id in missing:
+                    self._held.get(provider, {}).pop(key_id, None)
             return False
         yield from self._reregister_flow(provider)
         return True
@@ -588,11 +588,8 @@ class PoolCore:
             found = parse_stats_reply(name, (yield Run(scripts.STATS, name, [])))
             with self._lock:
                 missing = set(self._held.get(name, {})) - {s.key_id for s in found}
-            if missing:  # lost by Redis (then the epoch changed), or removed by another process
-                epoch = yield Cmd("hget", (self._space(name).keys[0], "epoch"))
-                if epoch != self._epochs.get(name):
-                    yield from self._reregister_flow(name)
-                    found = parse_stats_reply(name, (yield Run(scripts.STATS, name, [])))
+            if missing and (yield from self._recover_flow(name, *sorted(missing))):
+                found = parse_stats_reply(name, (yield Run(scripts.STATS, name, [])))
             out.extend(found)
         return out
 
