@@ -24,7 +24,6 @@
 
 local K_META, K_ALL, K_WAIT, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local STRATEGY_ZSETS = { KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9] }
-local K_RR = KEYS[5]
 local STRATEGY_INDEX = { round_robin = 1, weighted = 2, best = 3, least_busy = 4, latency = 5 }
 local PREFIX = ARGV[1]
 
