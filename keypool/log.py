@@ -41,6 +41,7 @@ EVENTS = (
     "model_assigned",
     "pool_state_lost",
     "pool_unavailable",
+    "report_unconfirmed",
 )
 
 REDACTED = "[REDACTED]"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
+
+import redis
 
 from .classify import Failure
 from .core import (
@@ -16,12 +22,23 @@ from .core import (
     Run,
     Sleep,
 )
+from .lane import Lane, Unconfirmed
 from .lease import Lease
 from .settings import KeyPoolSettings
 from .stats import KeyStats
 from .store import open_store
 
 __all__ = ["KeyPool"]
+
+# pools whose last reports' replies are read at interpreter exit
+_live_pools: weakref.WeakSet[KeyPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _settle_at_exit() -> None:
+    for pool in list(_live_pools):
+        pool._close_lanes()
+
 
 T = TypeVar("T")
 
@@ -47,17 +64,47 @@ class KeyPool(PoolCore):
             socket_timeout=self.settings.socket_timeout,
             connect_timeout=self.settings.connect_timeout,
         )
+        # the hot path's connections, one per thread: not on a Cluster (its client routes
+        # each call), nor on the embedded store (it answers calls sent ahead out of order)
+        self._lanes_possible = isinstance(self._client, redis.Redis) and not type(
+            self._client
+        ).__module__.startswith("fakeredis")
+        self._local = threading.local()
+        self._lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
+        _live_pools.add(self)
 
     # ------------------------------------------------------------------ running flows
+
+    def _lane(self) -> Lane | None:
+        """This thread's lane (made on first use; anew in a forked child)."""
+        if not self._lanes_possible:
+            return None
+        lane: Lane | None = getattr(self._local, "lane", None)
+        if lane is None or lane.pid != os.getpid():
+            lane = Lane(self._client.connection_pool)
+            self._local.lane = lane
+            self._local.settled = []
+            self._lanes.add(lane)
+        return lane
 
     def _execute(self, op: Any) -> Any:
         client = self._client
         if type(op) is Run:
             space = self._space(op.provider)
-            return op.script(client, space.keys, [space.prefix, *op.args])
+            lane = self._lane()
+            if lane is None:
+                return op.script(client, space.keys, [space.prefix, *op.args])
+            reply, settled = lane.run(op.script, space.keys, [space.prefix, *op.args])
+            if settled:
+                self._local.settled.extend(settled)
+            return reply
         if type(op) is Sleep:
             time.sleep(op.seconds)
             return None
+        lane = getattr(self._local, "lane", None)
+        if lane is not None and lane.busy:
+            # reports sent from this thread reach the store before anything read here
+            self._local.settled.extend(lane.settle())
         if type(op) is Cmd:
             return getattr(client, op.name)(*op.args)
         if type(op) is CmdMany:
@@ -82,7 +129,13 @@ class KeyPool(PoolCore):
         return True, result
 
     def _drive(self, flow: Flow) -> Any:
-        reply: Any = None
+        try:
+            return self._run_flow(flow)
+        finally:
+            if getattr(self._local, "settled", None):
+                self._hand_on()
+
+    def _run_flow(self, flow: Flow, reply: Any = None) -> Any:
         try:
             while True:
                 op = flow.send(reply)
@@ -95,6 +148,71 @@ class KeyPool(PoolCore):
                     raise translated from None
         except StopIteration as stop:
             return stop.value
+
+    def _report(self, flow: Flow) -> None:
+        """Run a lease report: its script call is sent without waiting for the reply, which
+        is read (and the rest of the flow run) with this thread's next call."""
+        lane = self._lane()
+        if lane is None:
+            self._drive(flow)
+            return
+        op = flow.send(None)
+        assert type(op) is Run
+        space = self._space(op.provider)
+
+        def then(reply: Any, error: BaseException | None) -> None:
+            if error is None:
+                self._run_flow(flow, reply)
+                return
+            flow.close()
+            self._log.warning(
+                "report_unconfirmed",
+                provider=op.provider,
+                key_id=op.args[0],
+                outcome=op.args[2],
+                error=type(error).__name__,
+            )
+
+        call = Unconfirmed(op.script, space.keys, [space.prefix, *op.args], then)
+        try:
+            settled = lane.send_unconfirmed(call)
+        except Exception as exc:
+            flow.close()
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from None
+        if settled:
+            self._local.settled.extend(settled)
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Hand the replies of earlier unconfirmed reports on to their flows (logging, a key
+        removed meanwhile); a report's trouble is logged, never raised into another call."""
+        local = self._local
+        if getattr(local, "handing_on", False):
+            return  # the outer loop takes what is added meanwhile
+        local.handing_on = True
+        try:
+            while local.settled:
+                call, reply, error = local.settled.pop(0)
+                try:
+                    call.then(reply, error)
+                except Exception as exc:
+                    self._log.warning("report_unconfirmed", error=type(exc).__name__)
+        finally:
+            local.handing_on = False
+
+    def _close_lanes(self) -> None:
+        for lane in list(self._lanes):
+            try:
+                settled = lane.close()
+            except Exception:  # closing: a broken connection is no news
+                continue
+            for _call, _reply, error in settled:
+                if error is not None:
+                    self._log.warning("report_unconfirmed", error=type(error).__name__)
+        self._lanes.clear()
 
     # ------------------------------------------------------------------ construction
 
@@ -121,7 +239,9 @@ class KeyPool(PoolCore):
         return found
 
     def close(self) -> None:
-        """Close the connections to the store."""
+        """Read the replies of reports still unread, then close the connections to the
+        store."""
+        self._close_lanes()
         self._client.close()
 
     def __enter__(self) -> KeyPool:

@@ -1,5 +1,7 @@
--- keypool shared library: prepended to every script before it is loaded, so each
--- script is still one EVALSHA, one round trip, one atomic step.
+-- keypool shared library. Loaded once with every script as one Redis function library
+-- (FCALL), or, where functions are not available, prepended to each script (EVALSHA);
+-- either way each call is one round trip, one atomic step. Each script's body is a
+-- function of (KEYS, ARGV) run after begin(KEYS, ARGV).
 --
 -- Every script receives the same nine provider-level keys, all under one hash tag
 -- "<ns>:{<provider>}:" so that they live in one cluster slot:
@@ -22,10 +24,11 @@
 -- A key hash's `loc` says where the key is: 'r' in the strategy sets, 'w' in wait,
 -- '' nowhere (disabled). All time is Redis TIME, in milliseconds.
 
-local K_META, K_ALL, K_WAIT, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local STRATEGY_ZSETS = { KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9] }
+-- The call's keys and the pool's meta state: set by begin() at the start of every call
+-- (the library is loaded once as Redis functions, or prepended to each script).
+local K_META, K_ALL, K_WAIT, K_LEASES, STRATEGY_ZSETS, PREFIX
+local EPOCH, ACTIVE, ACTIVE_SET, DUE
 local STRATEGY_INDEX = { round_robin = 1, weighted = 2, best = 3, least_busy = 4, latency = 5 }
-local PREFIX = ARGV[1]
 
 local NEVER = 1e300
 local MINUTE, DAY = 60000, 86400000
@@ -45,19 +48,6 @@ local function num(v, default)
   if v == false or v == nil or v == '' then return default end
   return tonumber(v) or default
 end
-
--- The pool's meta state, read once per script.
-local META = redis.call('HMGET', K_META, 'epoch', 'zs', 'due')
-local EPOCH = META[1]
-local ACTIVE = { 1 }            -- indexes into STRATEGY_ZSETS kept up to date
-local ACTIVE_SET = { [1] = true }
-if META[2] then
-  for i in string.gmatch(META[2], '%d') do
-    local n = tonumber(i)
-    if not ACTIVE_SET[n] then ACTIVE[#ACTIVE + 1] = n; ACTIVE_SET[n] = true end
-  end
-end
-local DUE = num(META[3], NEVER)
 
 -- Remember the earliest time housekeeping has work to do.
 local function note_due(at)
@@ -276,4 +266,22 @@ local function ensure_strategy(i)
   local zs = {}
   for j = 1, #ACTIVE do zs[j] = tostring(ACTIVE[j]) end
   redis.call('HSET', K_META, 'zs', table.concat(zs, ','))
+end
+
+-- Start a call: its keys, and the pool's meta state (read once per call).
+local function begin(keys, args)
+  K_META, K_ALL, K_WAIT, K_LEASES = keys[1], keys[2], keys[3], keys[4]
+  STRATEGY_ZSETS = { keys[5], keys[6], keys[7], keys[8], keys[9] }
+  PREFIX = args[1]
+  local meta = redis.call('HMGET', K_META, 'epoch', 'zs', 'due')
+  EPOCH = meta[1]
+  ACTIVE = { 1 }            -- indexes into STRATEGY_ZSETS kept up to date
+  ACTIVE_SET = { [1] = true }
+  if meta[2] then
+    for i in string.gmatch(meta[2], '%d') do
+      local n = tonumber(i)
+      if not ACTIVE_SET[n] then ACTIVE[#ACTIVE + 1] = n; ACTIVE_SET[n] = true end
+    end
+  end
+  DUE = num(meta[3], NEVER)
 end
