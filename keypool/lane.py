@@ -26,6 +26,12 @@ from redis.exceptions import NoPermissionError, NoScriptError
 
 from . import scripts
 
+_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # hiredis packs a command in one C call (redis-py's packer checks each argument)
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack = None
+
 __all__ = ["Lane", "Unconfirmed"]
 
 # Unread replies a lane keeps before it reads them anyway (so a thread that only reports
@@ -94,6 +100,9 @@ class Lane:
                     except redis.ResponseError as exc:
                         if not self._refused(exc):
                             raise
+                        # refused like the calls sent before it: those go again first
+                        self._done += self._call_again(again)
+                        again = []
                         reply = self._load_and_call(script, keys, args, exc)
                     self._done += self._call_again(again)
                 except redis.ConnectionError as exc:
@@ -163,9 +172,10 @@ class Lane:
         conn = self._conn
         conn.connect()
         if self._functions:
-            packed = conn.pack_command("FCALL", script.function, len(keys), *keys, *args)
+            command = ("FCALL", script.function, len(keys), *keys, *args)
         else:
-            packed = conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        packed = [_pack(command)] if _pack is not None else conn.pack_command(*command)
         conn.send_packed_command(packed, check_health=False)
 
     def _call(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:

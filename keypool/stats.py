@@ -137,7 +137,7 @@ def build_stats(
         rpm_left=_left(rpm_left),
         tpm_left=_left(tpm_left),
         rpd_left=_left(rpd_left),
-        latency_ms=float(latency) if latency else None,
+        latency_ms=float(latency) if latency and _int(raw, "lat_n") > 0 else None,
         tokens_used=_int(raw, "tokens"),
         models=models,
         fingerprint=raw.get("fp", ""),

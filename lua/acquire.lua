@@ -87,7 +87,7 @@ local function take(s)
     f[#f + 1] = 'probe_until'; f[#f + 1] = s.probe_until
   end
   place(s, now, f, 'all')
-  flush(s.id, f)
+  flush(s, f)
   return { 'OK', s.id, s.fp, s.sealed, math.floor(now) }
 end
 

@@ -18,24 +18,28 @@
 
 local id, action, arg = ARGV[2], ARGV[3], ARGV[4]
 local h = key_hash(id)
-if redis.call('EXISTS', h) == 0 then return { 'UNKNOWN' } end
+local s = load(id)
+if not s then return { 'UNKNOWN' } end
 local now = now_ms()
 local changed = 1
 
 if action == 'disable' then
-  if redis.call('HGET', h, 'en') == '0' then changed = 0 end
-  redis.call('HSET', h, 'en', '0', 'disabled_reason', (arg ~= '' and arg) or 'manual')
+  if s.en == '0' then changed = 0 end
+  flush(s, { 'en', '0', 'disabled_reason', (arg ~= '' and arg) or 'manual' })
 elseif action == 'enable' then
-  if redis.call('HGET', h, 'en') ~= '0' then changed = 0 end
-  redis.call('HSET', h, 'en', '1')
+  if s.en ~= '0' then changed = 0 end
+  flush(s, { 'en', '1' })
   redis.call('HDEL', h, 'disabled_reason')
 elseif action == 'reset' then
   local kinds = { 'rate_limit', 'quota', 'auth', 'server', 'timeout', 'connection',
     'bad_request', 'other' }
   for i = 1, #kinds do redis.call('HDEL', h, 'e:' .. kinds[i]) end
-  redis.call('HDEL', h, 'until', 'why', 't_rpm', 't_tpm', 't_rpd', 'last_error',
-    'last_error_at', 'lat', 'lat_n', 'rl_strikes', 'opens', 'circ', 'probe_until', 'last_ok')
-  redis.call('HSET', h, 'total', 0, 'ok', 0, 'err', 0, 'consec', 0, 'tokens', 0)
+  redis.call('HDEL', h, 'why', 'last_error', 'last_error_at')
+  local zero = { 'until', 't_rpm', 't_tpm', 't_rpd', 'lat', 'lat_n', 'rl_strikes', 'opens',
+    'probe_until', 'last_ok', 'total', 'ok', 'err', 'consec', 'tokens' }
+  local changes = { 'circ', '' }
+  for i = 1, #zero do changes[#changes + 1] = zero[i]; changes[#changes + 1] = 0 end
+  flush(s, changes)
 elseif action == 'remove' then
   for i = 1, 5 do redis.call('ZREM', STRATEGY_ZSETS[i], id) end
   redis.call('ZREM', K_WAIT, id)
@@ -81,7 +85,7 @@ elseif action == 'renew' then
   if not redis.call('ZSCORE', K_LEASES, member) then return { 'OK', 0 } end
   local expiry = now + tonumber(ARGV[5])
   redis.call('ZADD', K_LEASES, expiry, member)
-  if redis.call('HGET', h, 'maxc') ~= '0' then redis.call('ZADD', key_leases(id), expiry, arg) end
+  if s.maxc > 0 then redis.call('ZADD', key_leases(id), expiry, arg) end
   note_due(expiry)
 else
   return redis.error_reply('ERR keypool: unknown admin action ' .. action)

@@ -30,20 +30,7 @@ end
 local old_fp = redis.call('HGET', h, 'fp')
 local result = 'updated'
 redis.call('SADD', K_ALL, id)
--- weight and limits: '' keeps what the key has (keys loaded from the environment must not
--- undo limits an operator set), or the default for a new key
-local cfg = { 'id', id, 'fp', fp }
-local names = { 'weight', 'rpm', 'tpm', 'rpd', 'maxc' }
-local defaults = { '1.0', '0', '0', '0', '0' }
-for i = 1, 5 do
-  local v = ARGV[3 + i]
-  if v ~= '' then
-    cfg[#cfg + 1] = names[i]; cfg[#cfg + 1] = v
-  elseif not old_fp then
-    cfg[#cfg + 1] = names[i]; cfg[#cfg + 1] = defaults[i]
-  end
-end
-redis.call('HSET', h, unpack(cfg))
+redis.call('HSET', h, 'id', id, 'fp', fp)
 if ARGV[9] ~= '' then
   redis.call('HSET', h, 'sealed', ARGV[9])
 elseif old_fp ~= fp then
@@ -51,21 +38,31 @@ elseif old_fp ~= fp then
   redis.call('HDEL', h, 'sealed')
 end
 
+local s = load(id)
+local changes = {}
 if not old_fp then
   result = 'created'
-  local pass = 0   -- place() lines it up with the rotation's current round
+  redis.call('HSET', h, 'created', math.floor(now))
+  -- pass 0: place() lines it up with the rotation's current round
   local wpass = min_score(STRATEGY_ZSETS[2]) or 0
-  redis.call('HSET', h, 'en', '1', 'created', math.floor(now), 'pass', pass,
-    'wpass', wpass, 'total', 0, 'ok', 0, 'err', 0, 'consec', 0, 'inflight', 0, 'loc', '')
+  changes = { 'en', '1', 'pass', 0, 'wpass', wpass, 'loc', '' }
 elseif old_fp ~= fp then
   result = 'rekeyed'
-  redis.call('HSET', h, 'consec', '0', 'circ', '', 'probe_until', '0', 'opens', '0')
+  changes = { 'consec', 0, 'circ', '', 'probe_until', 0, 'opens', 0 }
   local reason = redis.call('HGET', h, 'disabled_reason') or ''
   if string.sub(reason, 1, 4) == 'auth' then
-    redis.call('HSET', h, 'en', '1')
+    changes[#changes + 1] = 'en'; changes[#changes + 1] = '1'
     redis.call('HDEL', h, 'disabled_reason')
   end
 end
+-- weight and limits: '' keeps what the key has (keys loaded from the environment must not
+-- undo limits an operator set), or the default for a new key
+local names = { 'weight', 'rpm', 'tpm', 'rpd', 'maxc' }
+for i = 1, 5 do
+  local v = ARGV[3 + i]
+  if v ~= '' then changes[#changes + 1] = names[i]; changes[#changes + 1] = v end
+end
+flush(s, changes)
 
 local models = cjson.decode(ARGV[11])
 if #models > 0 then
@@ -79,5 +76,5 @@ if #models > 0 then
   redis.call('HSET', h, 'models', cjson.encode(have))
 end
 
-replace(load(id), now)
+replace(s, now)
 return { epoch, result }

@@ -135,6 +135,6 @@ else
 end
 
 local at, why = place(s, now, fields, 'stats')
-flush(id, fields)
+flush(s, fields)
 if at >= NEVER then at = -1 end
 return { 'OK', event, why, math.floor(at), math.floor(now) }

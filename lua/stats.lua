@@ -29,7 +29,12 @@ for i = 1, #ids do
     local raw = redis.call('HGETALL', key_hash(ids[i]))
     local clean = {}
     for j = 1, #raw, 2 do
-      if raw[j] ~= 'sealed' then clean[#clean + 1] = raw[j]; clean[#clean + 1] = raw[j + 1] end
+      if raw[j] ~= 'sealed' and raw[j] ~= 'st' then
+        clean[#clean + 1] = raw[j]; clean[#clean + 1] = raw[j + 1]
+      end
+    end
+    for j = 1, N_PACKED do
+      clean[#clean + 1] = PACKED[j]; clean[#clean + 1] = tostring(s[PACKED[j]])
     end
     out[#out + 1] = ids[i]
     out[#out + 1] = clean

@@ -247,3 +247,13 @@ def hold_repeatedly(
         intervals.append((start, end))
     pool.close()
     return {"intervals": intervals, "refused": refused}
+
+
+def succeed_once_then_idle(url: str, ns: str, provider: str, done: Any, release: Any) -> None:
+    """Two leases, each reported a success, then no further call until ``release``."""
+    pool = _pool(url, ns)
+    _register(pool, ["k1", "k2"], {})
+    pool.acquire(provider).success()  # a connection's first report waits for its reply
+    pool.acquire(provider).success()  # this one does not
+    done.set()
+    release.wait(60)

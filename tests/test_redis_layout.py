@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from redis.crc import key_slot
 
 from keypool import KeyPool, KeyPoolSettings, Provider
-from keypool.keyspace import ProviderKeys
+from keypool.keyspace import ProviderKeys, decode_state
 from tests.conftest import IN_CI
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -103,6 +103,7 @@ class Cli:
 
     def __init__(self, url: str) -> None:
         self.base = _cli_base(url)
+        self.url = url
 
     def lines(self, *args: str) -> list[str]:
         done = subprocess.run(
@@ -117,8 +118,20 @@ class Cli:
         return set(self.lines("--scan", "--pattern", pattern))
 
     def hgetall(self, key: str) -> dict[str, str]:
-        out = self.lines("HGETALL", key)
-        return dict(zip(out[0::2], out[1::2], strict=True))
+        """Every field, the numbers packed in ``st`` by name (as ``decode_state`` shows them
+        to an operator)."""
+        names = [n for n in self.lines("HKEYS", key) if n != "st"]
+        values = self.lines("HMGET", key, *names) if names else []
+        out = dict(zip(names, values, strict=True))
+        if key.rsplit(":", 2)[-2] == "k":
+            raw = redis.Redis.from_url(self.url)
+            try:
+                packed = raw.hget(key, "st")
+            finally:
+                raw.close()
+            assert packed is not None, f"{key} has no packed state"
+            out.update(decode_state(packed))
+        return out
 
     def zrange(self, key: str) -> dict[str, float]:
         out = self.lines("ZRANGE", key, "0", "-1", "WITHSCORES")
@@ -331,3 +344,25 @@ def test_one_cluster_slot_per_provider(live: Live) -> None:
         names = [*space.keys, space.key_hash("x"), space.key_leases("x"), space.model_set("m")]
         assert len({key_slot(n.encode()) for n in names}) == 1
         assert {key_slot(n.encode()) for n in names} == {key_slot(f"{{{provider}}}".encode())}
+
+
+def test_the_packed_state_is_named_alike_in_lua_and_python() -> None:
+    """``decode_state`` names the numbers of ``st`` in the order the scripts pack them."""
+    from keypool import scripts
+    from keypool.keyspace import PACKED_FIELDS
+
+    lib = scripts._read("lib")
+    block = re.search(r"local PACKED = \{(.*?)\}", lib, re.S)
+    assert block is not None
+    assert tuple(re.findall(r"'([a-z_]+)'", block.group(1))) == PACKED_FIELDS
+    fmt = re.search(r"local PACKED_FMT = '<(d+)'", lib)
+    assert fmt is not None and len(fmt.group(1)) == len(PACKED_FIELDS)
+    # load() and pack_state() spell the order out too
+    unpacked = re.search(r"local (v_en, .*?) =\s*struct\.unpack", lib, re.S)
+    assert unpacked is not None
+    assert tuple(re.findall(r"v_([a-z_]+)", unpacked.group(1))) == PACKED_FIELDS
+    packed = re.search(r"struct\.pack\(PACKED_FMT,(.*?)\)\n", lib, re.S)
+    assert packed is not None
+    plain = re.sub(r"ENCODE\.\w+\[s\.(\w+)\] or 0", r"s.\1", packed.group(1))
+    names = re.findall(r"\bs(?:\.([a-z_]+)|\['([a-z_]+)'\])", plain)
+    assert tuple(a or b for a, b in names) == PACKED_FIELDS

@@ -23,6 +23,7 @@ from keypool import (
     Provider,
     UnknownKey,
 )
+from tests.test_security import hash_texts
 
 OPENAI = Provider.OPENAI
 
@@ -60,7 +61,7 @@ def read_everything(raw: Any, pattern: str) -> tuple[str, bytes, int]:
         if kind == "string":
             texts.append(str(raw.get(name)))
         elif kind == "hash":
-            texts.extend(f"{k}={v}" for k, v in raw.hgetall(name).items())
+            texts.extend(hash_texts(raw, name))
         elif kind == "zset":
             texts.extend(f"{m}@{s}" for m, s in raw.zrange(name, 0, -1, withscores=True))
         elif kind == "set":

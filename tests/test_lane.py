@@ -1,0 +1,158 @@
+"""The hot path's own connection: the function library (FCALL) and its fallbacks, and lease
+reports sent without waiting for their reply. Each test runs a private ``redis-server``."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from keypool import KeyPool, KeyPoolSettings, scripts
+from tests import mp_workers
+from tests.cluster import Server, start_redis
+
+pytestmark = [pytest.mark.redis]
+
+PROVIDER = "openai"
+CTX = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = start_redis(tmp_path)
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+def make_pool(url: str, namespace: str) -> KeyPool:
+    pool = KeyPool(settings=KeyPoolSettings(redis_url=url, namespace=namespace, lease_ttl=60))
+    for key_id in ("k1", "k2"):
+        pool.add_key(PROVIDER, key_id, mp_workers.secret_for(key_id))
+    return pool
+
+
+def totals(pool: KeyPool) -> tuple[int, int, int]:
+    """(requests, successes, in flight) over the provider's keys."""
+    keys = pool.snapshot(PROVIDER)
+    return (
+        sum(s.total_requests for s in keys),
+        sum(s.success_count for s in keys),
+        sum(s.in_flight for s in keys),
+    )
+
+
+def libraries(client: Any) -> set[str]:
+    """The function libraries loaded (RESP2 lists each as flat name/value pairs)."""
+    found = set()
+    for lib in client.function_list():
+        fields = lib if isinstance(lib, dict) else dict(zip(lib[0::2], lib[1::2], strict=True))
+        found.add(fields["library_name"])
+    return found
+
+
+def test_decisions_run_as_functions_and_survive_a_function_flush(
+    server: Server, namespace: str
+) -> None:
+    with make_pool(server.url, namespace) as pool:
+        for _ in range(5):
+            pool.acquire(PROVIDER).success()
+        with server.client() as admin:
+            assert scripts.library_name() in libraries(admin)
+            admin.function_flush()
+        for _ in range(20):
+            pool.acquire(PROVIDER).success()
+        assert totals(pool) == (25, 25, 0)
+        with server.client() as admin:
+            assert scripts.library_name() in libraries(admin)
+
+
+def test_reports_refused_after_a_flush_are_sent_again_in_order(
+    server: Server, namespace: str
+) -> None:
+    """Reports sent unconfirmed while the server lost its code are sent again when their
+    replies are read — by the next call, or by close() — none is lost or counted twice."""
+    with make_pool(server.url, namespace) as pool:
+        leases = [pool.acquire(PROVIDER) for _ in range(12)]
+        leases[0].success()  # the first report of a connection waits for its reply
+        with server.client() as admin:
+            admin.function_flush()
+            admin.script_flush()
+        for lease in leases[1:6]:
+            lease.success()  # sent; the server refuses them (no function); not read yet
+        assert totals(pool) == (12, 6, 6)  # this call reads the refusals and sends again
+        with server.client() as admin:
+            admin.function_flush()
+        for lease in leases[6:]:
+            lease.success()
+    # close() read the last replies and sent the refused reports again
+    with make_pool(server.url, namespace) as fresh:
+        assert totals(fresh) == (12, 12, 0)
+
+
+def test_without_fcall_rights_the_scripts_are_used(server: Server, namespace: str) -> None:
+    with server.client() as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall", "-function"
+        )
+    url = f"redis://nofcall:pw@127.0.0.1:{server.port}/0"
+    with make_pool(url, namespace) as pool:
+        for _ in range(10):
+            with pool.acquire(PROVIDER):
+                pass
+        assert totals(pool) == (10, 10, 0)
+    with server.client() as admin:
+        assert not libraries(admin)  # nothing could be loaded, nothing was
+
+
+def test_a_report_takes_effect_without_a_further_call(server: Server, namespace: str) -> None:
+    """A worker reports success and then does nothing more with the pool: another process
+    sees the lease closed and the success counted all the same."""
+    with make_pool(server.url, namespace) as watcher:
+        done = CTX.Event()
+        release = CTX.Event()
+        worker = CTX.Process(
+            target=mp_workers.succeed_once_then_idle,
+            args=(server.url, namespace, PROVIDER, done, release),
+            daemon=True,
+        )
+        worker.start()
+        try:
+            assert done.wait(60), "the worker never reported"
+            assert totals(watcher) == (2, 2, 0)
+        finally:
+            release.set()
+            worker.join(10)
+        assert worker.exitcode == 0
+
+
+def test_a_dropped_connection_loses_no_later_call(server: Server, namespace: str) -> None:
+    with make_pool(server.url, namespace) as pool:
+        pool.acquire(PROVIDER).success()
+        pool.acquire(PROVIDER).success()
+        with server.client() as admin:
+            admin.client_kill_filter(_type="normal", skipme=True)
+        for _ in range(5):
+            pool.acquire(PROVIDER).success()
+        requests, successes, in_flight = totals(pool)
+        assert requests == 7 and in_flight == 0
+        # the reply of a report in flight when the connection dropped may be lost, never
+        # the report itself: Redis had it before the connection was killed
+        assert successes == 7
+
+
+def test_raw_client_calls_keep_working_beside_the_lane(server: Server, namespace: str) -> None:
+    """The pool's other operations (registration, admin, stats) use the client's own
+    connections; a report sent just before them has already been applied."""
+    with make_pool(server.url, namespace) as pool:
+        lease = pool.acquire(PROVIDER)
+        lease.success()
+        pool.disable_key(PROVIDER, lease.key_id, reason="test")
+        assert pool.stats(PROVIDER, lease.key_id).success_count == 1
+        with redis.Redis.from_url(server.url) as raw:
+            assert raw.ping()
