@@ -740,6 +740,9 @@ class PoolCore:
             status = reply[0]
             if status == "OK":
                 key_id, fp, sealed = reply[1], reply[2], reply[3]
+                held = self._held.get(provider, {}).get(key_id)
+                if held is not None and held.fp == fp:  # the usual case: a key held here
+                    return Picked(provider, key_id, held.secret, lease_id, model, tokens)
                 try:
                     secret = yield from self._secret_flow(provider, key_id, fp, sealed, lease_id)
                 except SecretUnavailable as exc:

@@ -89,6 +89,7 @@ def library_source() -> str:
     return "".join(parts)
 
 
+@cache
 def _function_name(name: str) -> str:
     return f"keypool_{_version()}_{name}"
 

@@ -64,30 +64,24 @@ local function take(s)
   s.t_tpm = budget_charge(s.tpm, MINUTE, s.t_tpm, tokens, now)
   -- Round-robin is least-recently-served order: exact rotation, ties impossible because
   -- each script runs at its own TIME.
-  s.pass = math.max(now - EPOCH_MS, s.pass + 0.001)
+  s.pass = math.max(NOW_US - EPOCH_US, s.pass + 1)
   s.wpass = s.wpass + 1 / math.max(s.weight, 1e-6)
   s.total = s.total + 1
-  local f = { 'total', s.total, 'last_used', math.floor(now), 'pass', s.pass, 'wpass', s.wpass }
-  if s.rpm > 0 then f[#f + 1] = 't_rpm'; f[#f + 1] = s.t_rpm end
-  if s.rpd > 0 then f[#f + 1] = 't_rpd'; f[#f + 1] = s.t_rpd end
-  if s.tpm > 0 then f[#f + 1] = 't_tpm'; f[#f + 1] = s.t_tpm end
+  s.last_used = math.floor(now)
   if ttl > 0 then
-    local expiry = now + ttl
+    local expiry = math.floor(now) + ttl
     redis.call('ZADD', K_LEASES, expiry, s.id .. '/' .. lease_id)
     if s.maxc > 0 then redis.call('ZADD', key_leases(s.id), expiry, lease_id) end
     note_due(expiry)
     s.inflight = s.inflight + 1
-    f[#f + 1] = 'inflight'; f[#f + 1] = s.inflight
   end
   if s.circ == 'open' or s.circ == 'half' then
     -- The circuit's cooldown is over: this request is its one probe.
     s.circ = 'half'
     s.probe_until = now + (ttl > 0 and ttl or 60000)
-    f[#f + 1] = 'circ'; f[#f + 1] = 'half'
-    f[#f + 1] = 'probe_until'; f[#f + 1] = s.probe_until
   end
-  place(s, now, f, 'all')
-  flush(s, f)
+  place(s, now, {}, 'all')   -- what it changes is in s, all of it packed
+  save(s)
   return { 'OK', s.id, s.fp, s.sealed, math.floor(now) }
 end
 

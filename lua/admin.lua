@@ -83,7 +83,7 @@ elseif action == 'assign' or action == 'unassign' then
 elseif action == 'renew' then
   local member = id .. '/' .. arg
   if not redis.call('ZSCORE', K_LEASES, member) then return { 'OK', 0 } end
-  local expiry = now + tonumber(ARGV[5])
+  local expiry = math.floor(now) + tonumber(ARGV[5])
   redis.call('ZADD', K_LEASES, expiry, member)
   if s.maxc > 0 then redis.call('ZADD', key_leases(id), expiry, arg) end
   note_due(expiry)

@@ -28,16 +28,22 @@
 -- (the library is loaded once as Redis functions, or prepended to each script).
 local K_META, K_ALL, K_WAIT, K_LEASES, STRATEGY_ZSETS, PREFIX
 local EPOCH, ACTIVE, ACTIVE_SET, DUE
+local BEGUN_META, BEGUN_ZS   -- what KEYS[1] and the meta `zs` were when those were made
 local STRATEGY_INDEX = { round_robin = 1, weighted = 2, best = 3, least_busy = 4, latency = 5 }
 
 local NEVER = 1e300
 local MINUTE, DAY = 60000, 86400000
 local HI = 1099511627776   -- 2^40: separates a score's primary part from its tie-breaker
-local EPOCH_MS = 1704067200000  -- 2024-01-01: `pass` (last served) counts ms from here
+local EPOCH_US = 1704067200000000  -- 2024-01-01: `pass` (last served) counts µs from here
+-- Scores written to sorted sets are whole numbers (ms, or µs for `pass`): Redis turns a
+-- fractional Lua number into a 17-digit string for every call, which costs more than the
+-- ZADD itself.
 
+local NOW_US = 0   -- the call's TIME in µs (set by now_ms)
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return NOW_US / 1000
 end
 
 local function key_hash(id) return PREFIX .. 'k:' .. id end
@@ -197,8 +203,9 @@ local function score(s, i)
   if i == 1 then return s.pass end
   if i == 2 then return s.wpass end
   if i == 3 then return math.min(s.consec, 8191) * HI + math.min(s.total, HI - 1) end
-  if i == 4 then return math.min(s.inflight, 8191) * HI + (s.pass % HI) end
-  return math.min(math.floor(s.lat), 8191) * HI + (s.pass % HI)
+  local served_ms = math.floor(s.pass / 1000) % HI
+  if i == 4 then return math.min(s.inflight, 8191) * HI + served_ms end
+  return math.min(math.floor(s.lat), 8191) * HI + served_ms
 end
 
 -- Put the key where its state says: in the strategy sets when available, in `wait` with
@@ -235,8 +242,9 @@ local function place(s, now, fields, rescore)
       if s.loc ~= '' then fields[#fields + 1] = 'loc'; fields[#fields + 1] = '' end
       s.loc = ''
     else
-      redis.call('ZADD', K_WAIT, at, s.id)
-      note_due(at)
+      local wake = math.ceil(at)
+      redis.call('ZADD', K_WAIT, wake, s.id)
+      note_due(wake)
       if s.loc ~= 'w' then fields[#fields + 1] = 'loc'; fields[#fields + 1] = 'w' end
       s.loc = 'w'
     end
@@ -260,6 +268,11 @@ local function flush(s, fields)
   end
   if packed then plain[#plain + 1] = 'st'; plain[#plain + 1] = pack_state(s) end
   redis.call('HSET', key_hash(s.id), unpack(plain))
+end
+
+-- Write the key's packed state as it is in s.
+local function save(s)
+  redis.call('HSET', key_hash(s.id), 'st', pack_state(s))
 end
 
 -- Re-place a key after a change made elsewhere, writing what moved.
@@ -334,23 +347,31 @@ local function ensure_strategy(i)
   ACTIVE_SET[i] = true
   local zs = {}
   for j = 1, #ACTIVE do zs[j] = tostring(ACTIVE[j]) end
-  redis.call('HSET', K_META, 'zs', table.concat(zs, ','))
+  BEGUN_ZS = table.concat(zs, ',')
+  redis.call('HSET', K_META, 'zs', BEGUN_ZS)
 end
 
--- Start a call: its keys, and the pool's meta state (read once per call).
+-- Start a call: its keys, and the pool's meta state (read once per call). Loaded as
+-- functions, the library lives on between calls: the tables made from the keys and from
+-- the meta `zs` are kept while they stay the same.
 local function begin(keys, args)
-  K_META, K_ALL, K_WAIT, K_LEASES = keys[1], keys[2], keys[3], keys[4]
-  STRATEGY_ZSETS = { keys[5], keys[6], keys[7], keys[8], keys[9] }
+  if keys[1] ~= BEGUN_META then
+    K_META, K_ALL, K_WAIT, K_LEASES = keys[1], keys[2], keys[3], keys[4]
+    STRATEGY_ZSETS = { keys[5], keys[6], keys[7], keys[8], keys[9] }
+    BEGUN_META, BEGUN_ZS = keys[1], nil
+  end
   PREFIX = args[1]
   local meta = redis.call('HMGET', K_META, 'epoch', 'zs', 'due')
   EPOCH = meta[1]
-  ACTIVE = { 1 }            -- indexes into STRATEGY_ZSETS kept up to date
-  ACTIVE_SET = { [1] = true }
-  if meta[2] then
-    for i in string.gmatch(meta[2], '%d') do
+  local zs = meta[2] or ''
+  if zs ~= BEGUN_ZS then
+    ACTIVE = { 1 }            -- indexes into STRATEGY_ZSETS kept up to date
+    ACTIVE_SET = { [1] = true }
+    for i in string.gmatch(zs, '%d') do
       local n = tonumber(i)
       if not ACTIVE_SET[n] then ACTIVE[#ACTIVE + 1] = n; ACTIVE_SET[n] = true end
     end
+    BEGUN_ZS = zs
   end
   DUE = num(meta[3], NEVER)
 end

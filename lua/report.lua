@@ -47,11 +47,12 @@ local event = ''
 
 -- Only ever extends a cooldown; returns the event name for the change.
 local function cool(until_ms, why)
+  until_ms = math.floor(until_ms)
   if until_ms > s['until'] then
     local was = s['until'] > now
     s['until'] = until_ms
     s.why = why
-    set('until', math.floor(until_ms)); set('why', why)
+    set('until', until_ms); set('why', why)
     if was then return 'cooldown_extended' end
     return 'cooldown_set'
   end
@@ -73,7 +74,7 @@ if outcome == 'success' or outcome == 'release' then
     if latency then
       s.lat_n = s.lat_n + 1
       if s.lat_n == 1 then s.lat = latency else s.lat = s.lat * 0.8 + latency * 0.2 end
-      set('lat_n', s.lat_n); set('lat', string.format('%.3f', s.lat))
+      set('lat_n', s.lat_n); set('lat', s.lat)
     end
   elseif s.circ == 'half' then
     -- a released probe proves nothing: let another probe go

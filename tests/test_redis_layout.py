@@ -269,8 +269,8 @@ def test_rotation_order_and_meta(live: Live) -> None:
     for key_id, score in rr.items():
         k = live.cli.hgetall(live.keys.key_hash(key_id))
         assert abs(float(k["pass"]) - score) < 1.0, (key_id, k["pass"], score)
-    # `pass` counts ms since 2024-01-01: the limited key was served during the test
-    served = float(live.cli.hgetall(live.keys.key_hash("limited"))["pass"]) + 1704067200000
+    # `pass` counts µs since 2024-01-01: the limited key was served during the test
+    served = float(live.cli.hgetall(live.keys.key_hash("limited"))["pass"]) / 1000 + 1704067200000
     assert live.start_ms - 1000 <= served <= live.cli.now_ms() + 1000
     meta = live.cli.hgetall(live.keys.prefix + "meta")
     assert meta.get("epoch") and meta.get("created")
