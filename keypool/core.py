@@ -5,9 +5,10 @@ state, and every operation written once as a generator that yields the Redis wor
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import secrets as _random
+import os
 import threading
 import time
 import uuid
@@ -59,7 +60,7 @@ _REGISTER_CHUNK = 1000
 # ---------------------------------------------------------------------- the Redis work
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Run:
     """Run one script for one provider; the reply is sent back."""
 
@@ -68,7 +69,7 @@ class Run:
     args: list[Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cmd:
     """One plain Redis command (a client method name and its arguments)."""
 
@@ -110,6 +111,26 @@ STORE_BUSY = (ClusterError, TryAgainError)
 
 
 # ---------------------------------------------------------------------- local state
+
+# Lease ids: a random prefix per process (drawn again in a forked child) and a counter —
+# unique across a fleet without a system call per lease, whatever the application does
+# to the `random` module.
+_lease_prefix = os.urandom(6).hex()
+_lease_counter = itertools.count()
+
+
+def _new_lease_prefix() -> None:
+    global _lease_prefix, _lease_counter
+    _lease_prefix = os.urandom(6).hex()
+    _lease_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_lease_prefix)
+
+
+def new_lease_id() -> str:
+    """A lease id unique across processes and hosts (48 random bits, then a counter)."""
+    return f"{_lease_prefix}{next(_lease_counter):x}"
 
 
 @dataclass(slots=True)
@@ -720,7 +741,7 @@ class PoolCore:
         avoid: tuple[str, str] | None,
         model_only: bool = False,
     ) -> Flow:
-        lease_id = _random.token_hex(8) if lease else ""
+        lease_id = new_lease_id() if lease else ""
         args = [
             strategy,
             tokens,

@@ -167,10 +167,11 @@ class Lane:
         return script.function if self._functions else script.sha
 
     def _send(self, script: scripts.Script, keys: list[str], args: list[Any]) -> None:
-        # connect() first, as the pool would: a Sentinel-managed connection asks the
-        # Sentinels for the master there (sending on an unconnected one would not)
         conn = self._conn
-        conn.connect()
+        if conn._sock is None:
+            # connect() as the pool would: a Sentinel-managed connection asks the Sentinels
+            # for the master there (sending on an unconnected one would not)
+            conn.connect()
         if self._functions:
             command = ("FCALL", script.function, len(keys), *keys, *args)
         else:

@@ -38,6 +38,8 @@ MODEL_MAX_LEN = 256
 
 def normalize_provider(provider: object) -> str:
     """Return the provider's name as stored in Redis, or raise ``ValueError``/``TypeError``."""
+    if type(provider) is str and provider in _checked:
+        return provider
     if isinstance(provider, Provider):
         return provider.value
     if not isinstance(provider, str):
@@ -50,7 +52,12 @@ def normalize_provider(provider: object) -> str:
             f"invalid provider {provider!r}: expected a Provider or a name matching "
             r"^[a-z0-9][a-z0-9_-]{0,63}$"
         )
+    if len(_checked) < 4096:
+        _checked.add(provider)
     return provider
+
+
+_checked: set[str] = set()  # provider names already found valid (checked once each)
 
 
 def validate_key_id(key_id: object) -> str:
