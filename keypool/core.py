@@ -867,6 +867,20 @@ class PoolCore:
     ) -> Flow:
         args = self._mark_args(key_id, lease_id, outcome, est, tokens, latency, failure)
         reply = yield Run(scripts.REPORT, provider, args)
+        yield from self._marked_flow(provider, key_id, outcome, lease_id, failure, args, reply)
+
+    def _marked_flow(
+        self,
+        provider: str,
+        key_id: str,
+        outcome: str,
+        lease_id: str,
+        failure: Failure | None,
+        args: list[Any],
+        reply: list[Any],
+    ) -> Flow:
+        """What follows a report's reply: a key unknown here is recovered (or, for a lease,
+        was removed meanwhile), an event is logged."""
         if reply[0] == "UNKNOWN" and (yield from self._recover_flow(provider, key_id)):
             reply = yield Run(scripts.REPORT, provider, args)
         if reply[0] == "UNKNOWN":

@@ -95,9 +95,7 @@ class Lease(_LeaseBase):
             return
         tokens, seconds = self._success_args(tokens, latency)
         self._closed = True
-        self._pool._report(
-            self._pool._lease_report_flow(self._picked, "success", tokens=tokens, latency=seconds)
-        )
+        self._pool._report_lease(self._picked, "success", tokens, seconds)
 
     def fail(
         self,
@@ -122,7 +120,7 @@ class Lease(_LeaseBase):
         if self._closed:
             return
         self._closed = True
-        self._pool._report(self._pool._lease_report_flow(self._picked, "release"))
+        self._pool._report_lease(self._picked, "release")
 
     def renew(self, ttl: float | None = None) -> bool:
         """Extend the lease (for long streams) by ``ttl`` seconds from now (default: the

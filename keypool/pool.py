@@ -12,12 +12,14 @@ from typing import Any, TypeVar
 
 import redis
 
+from . import scripts
 from .classify import Failure
 from .core import (
     Cmd,
     CmdMany,
     Flow,
     Invoke,
+    Picked,
     PoolCore,
     Run,
     Sleep,
@@ -149,35 +151,42 @@ class KeyPool(PoolCore):
         except StopIteration as stop:
             return stop.value
 
-    def _report(self, flow: Flow) -> None:
-        """Run a lease report: its script call is sent without waiting for the reply, which
-        is read (and the rest of the flow run) with this thread's next call."""
+    def _report_lease(
+        self,
+        picked: Picked,
+        outcome: str,
+        tokens: int | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """A lease's success or release: the report is sent without waiting for its reply,
+        which is read with this thread's next call (and only then, when it says more than
+        OK, handed on: a key removed meanwhile, an event to log)."""
         lane = self._lane()
         if lane is None:
-            self._drive(flow)
+            self._drive(self._lease_report_flow(picked, outcome, tokens, latency))
             return
-        op = flow.send(None)
-        assert type(op) is Run
-        space = self._space(op.provider)
+        provider, key_id = picked.provider, picked.key_id
+        args = self._mark_args(key_id, picked.lease_id, outcome, picked.tokens, tokens, latency)
+        space = self._space(provider)
 
         def then(reply: Any, error: BaseException | None) -> None:
-            if error is None:
-                self._run_flow(flow, reply)
-                return
-            flow.close()
-            self._log.warning(
-                "report_unconfirmed",
-                provider=op.provider,
-                key_id=op.args[0],
-                outcome=op.args[2],
-                error=type(error).__name__,
-            )
+            if error is not None:
+                self._log.warning(
+                    "report_unconfirmed",
+                    provider=provider,
+                    key_id=key_id,
+                    outcome=outcome,
+                    error=type(error).__name__,
+                )
+            elif reply[0] != "OK" or reply[1]:
+                self._run_flow(
+                    self._marked_flow(provider, key_id, outcome, picked.lease_id, None, args, reply)
+                )
 
-        call = Unconfirmed(op.script, space.keys, [space.prefix, *op.args], then)
+        call = Unconfirmed(scripts.REPORT, space.keys, [space.prefix, *args], then)
         try:
             settled = lane.send_unconfirmed(call)
         except Exception as exc:
-            flow.close()
             translated = self._translate(exc)
             if translated is exc:
                 raise
