@@ -136,6 +136,54 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
     return results
 
 
+# ---------------------------------------------------------------------- inside Redis
+
+
+def inside_redis(url: str, ns: str, batches: int = 20, batch: int = 100) -> dict[str, float]:
+    """Server time per call, from ``INFO commandstats`` deltas (nothing is reset): the part
+    of a decision spent running its script, apart from the round trip."""
+    raw = redis.Redis.from_url(url)
+    noop = raw.script_load("return 1")
+    pool = make_pool(url, ns, 10, "inside")
+    for _ in range(20):
+        pool.acquire("inside", tokens=10).success(tokens=12)
+    lane = pool._lane()
+    verb = "fcall" if lane is not None and lane.uses_functions else "evalsha"
+
+    def stat(command: str) -> tuple[int, int]:
+        row = raw.info("commandstats").get(f"cmdstat_{command}", {})
+        return int(row.get("usec", 0)), int(row.get("calls", 0))
+
+    spent: dict[str, list[int]] = {"no-op EVALSHA": [0, 0], "acquire": [0, 0], "report": [0, 0]}
+
+    def measure(name: str, command: str, fn: Callable[[], None]) -> None:
+        usec, calls = stat(command)
+        fn()
+        usec2, calls2 = stat(command)
+        spent[name][0] += usec2 - usec
+        spent[name][1] += calls2 - calls
+
+    leases: list[Any] = []
+
+    def acquire() -> None:
+        leases.extend(pool.acquire("inside", tokens=10) for _ in range(batch))
+
+    def report() -> None:
+        while leases:
+            leases.pop().success(tokens=12)
+        pool.providers()  # reads the reports' replies (not a script call)
+
+    for _ in range(batches):
+        measure("no-op EVALSHA", "evalsha", lambda: [raw.evalsha(noop, 0) for _ in range(batch)])
+        measure("acquire", verb, acquire)
+        measure("report", verb, report)
+    pool.close()
+    raw.close()
+    out = {name: usec / max(1, calls) for name, (usec, calls) in spent.items()}
+    out["calls_by"] = 1.0 if verb == "fcall" else 0.0
+    return out
+
+
 # ---------------------------------------------------------------------- throughput
 
 
@@ -235,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = "kpbench-" + uuid.uuid4().hex[:8]
     try:
         lat = latency_suite(args.url, ns, args.rounds, args.batch)
+        inside = inside_redis(args.url, ns)
         tput = (
             {}
             if args.skip_throughput
@@ -266,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for name, r in lat.items()
         ],
+    )
+    via = "FCALL" if inside.pop("calls_by") else "EVALSHA"
+    print(f"\ninside Redis (INFO commandstats deltas; keypool's calls by {via}):")
+    table(
+        ["call", "µs in Redis per call"],
+        [[name, f"{usec:.1f}"] for name, usec in inside.items()],
     )
     if tput:
         table(
@@ -304,7 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(
-                {"latency": lat, "throughput": tput, "memory": mem, "targets": targets},
+                {
+                    "latency": lat,
+                    "inside_redis": inside,
+                    "throughput": tput,
+                    "memory": mem,
+                    "targets": targets,
+                },
                 fh,
                 indent=2,
             )

@@ -57,6 +57,7 @@ from keypool import (
     SecretUnavailable,
     UnknownKey,
 )
+from keypool.keyspace import decode_state
 
 PROVIDER = "soak"
 STRATEGIES = ("round_robin", "weighted", "least_busy", "best", "latency")
@@ -495,6 +496,20 @@ class Sample:
     mismatch_detail: list[str] = field(default_factory=list)
 
 
+_bytes_clients: dict[int, redis.Redis] = {}
+
+
+def _bytes_client(raw: redis.Redis) -> redis.Redis:
+    """A client to the same server that returns bytes (for a key's packed state)."""
+    client = _bytes_clients.get(id(raw))
+    if client is None:
+        kwargs = dict(raw.connection_pool.connection_kwargs)
+        kwargs["decode_responses"] = False
+        pool = redis.ConnectionPool(**kwargs)
+        client = _bytes_clients[id(raw)] = redis.Redis(connection_pool=pool)
+    return client
+
+
 def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) -> Sample:
     ns = cfg.namespace
     prefix = f"{ns}:{{{PROVIDER}}}:"
@@ -509,15 +524,16 @@ def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) ->
     m_names = [n for n in names if n.startswith(prefix + "m:")]
     model_names = [n for n in names if n.startswith(f"{ns}:model:")]
 
-    # one MULTI/EXEC: a consistent view of the provider's structures
-    tx = raw.pipeline(transaction=True)
+    # one MULTI/EXEC: a consistent view of the provider's structures (on a client that
+    # leaves replies as bytes: a key's packed numbers are binary)
+    tx = _bytes_client(raw).pipeline(transaction=True)
     tx.smembers(prefix + "all")
     zsets = ("wait", "leases", "rr", "wrr", "best", "busy", "lat")
     for zname in zsets:
         tx.zrange(prefix + zname, 0, -1)
     tx.hlen(prefix + "meta")
     for n in k_names:
-        tx.hmget(n, "inflight", "maxc")
+        tx.hget(n, "st")
         tx.hlen(n)
         tx.zcard(prefix + "kl:" + n[len(prefix) + 2 :])
     for n in kl_names:
@@ -525,20 +541,22 @@ def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) ->
     for n in m_names:
         tx.smembers(n)
     replies = iter(tx.execute())
-    all_ids: set[str] = set(next(replies))
-    z: dict[str, list[str]] = {name: list(next(replies)) for name in zsets}
+    all_ids: set[str] = {m.decode() for m in next(replies)}
+    z: dict[str, list[str]] = {name: [m.decode() for m in next(replies)] for name in zsets}
     meta_hlen = int(next(replies))
     hashes: dict[str, tuple[int, int, int, int]] = {}  # inflight, maxc, HLEN, kl: ZCARD
     for n in k_names:
-        inflight, maxc = next(replies)
+        packed = next(replies)
         hlen = int(next(replies))
         kl_card = int(next(replies))
-        if hlen:  # 0: deleted between the scan and the transaction
-            hashes[n[len(prefix) + 2 :]] = (int(inflight or 0), int(maxc or 0), hlen, kl_card)
+        if hlen and packed:  # deleted (or not yet written) between the scan and now
+            state = decode_state(packed)
+            inflight, maxc = int(state["inflight"]), int(state["maxc"])
+            hashes[n[len(prefix) + 2 :]] = (inflight, maxc, hlen, kl_card)
     # lease sets of ids without a hash (seen by the scan): must be empty
     kl: dict[str, int] = {n[len(prefix) + 3 :]: int(next(replies)) for n in kl_names}
     kl.update({k: h[3] for k, h in hashes.items()})
-    m_members: dict[str, set[str]] = {n: set(next(replies)) for n in m_names}
+    m_members: dict[str, set[str]] = {n: {m.decode() for m in next(replies)} for n in m_names}
 
     orphans: list[str] = []
     for name in zsets:
@@ -777,8 +795,11 @@ def drain_check(raw: redis.Redis, cfg: Config) -> dict[str, int]:
     s = take_sample(raw, cfg, -1, 0, 0)
     prefix = f"{cfg.namespace}:{{{PROVIDER}}}:"
     inflight = 0
+    packed_reader = _bytes_client(raw)
     for name in raw.scan_iter(match=prefix + "k:*", count=1000):
-        inflight += int(raw.hget(name, "inflight") or 0)
+        packed = packed_reader.hget(name, "st")
+        if packed:
+            inflight += int(decode_state(packed)["inflight"])
     return {"leases": s.leases, "kl_members": s.kl_members, "inflight": inflight}
 
 

@@ -57,6 +57,7 @@ class Lane:
         "_conn",
         "_done",
         "_functions",
+        "_heads",
         "_loaded",
         "_lock",
         "_pool",
@@ -75,7 +76,13 @@ class Lane:
         self._loaded: set[str] = set()
         # FCALL until the server shows it has no functions for us (Redis 6, an ACL)
         self._functions = True
+        self._heads: dict[tuple[str, bool, str, str, int], bytes] = {}
         self.pid = os.getpid()
+
+    @property
+    def uses_functions(self) -> bool:
+        """Whether calls go by FCALL (else EVALSHA)."""
+        return self._functions
 
     @property
     def busy(self) -> bool:
@@ -172,12 +179,25 @@ class Lane:
             # connect() as the pool would: a Sentinel-managed connection asks the Sentinels
             # for the master there (sending on an unconnected one would not)
             conn.connect()
-        if self._functions:
-            command = ("FCALL", script.function, len(keys), *keys, *args)
+        if _pack is None:
+            verb, name = ("FCALL", script.function) if self._functions else ("EVALSHA", script.sha)
+            packed = conn.pack_command(verb, name, len(keys), *keys, *args)
         else:
-            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        packed = [_pack(command)] if _pack is not None else conn.pack_command(*command)
+            # the call's fixed part (command, name, keys, prefix) is packed once per provider
+            head_key = (script.name, self._functions, keys[0], args[0], len(args))
+            head = self._heads.get(head_key)
+            if head is None:
+                head = self._heads[head_key] = self._head(script, keys, args)
+            rest = _pack(tuple(args[1:]))
+            packed = [head + rest[rest.index(b"\n") + 1 :]]
         conn.send_packed_command(packed, check_health=False)
+
+    def _head(self, script: scripts.Script, keys: list[str], args: list[Any]) -> bytes:
+        assert _pack is not None
+        verb, name = ("FCALL", script.function) if self._functions else ("EVALSHA", script.sha)
+        fixed = _pack((verb, name, len(keys), *keys, args[0]))
+        total = 3 + len(keys) + len(args)
+        return b"*%d\r\n" % total + fixed[fixed.index(b"\n") + 1 :]
 
     def _call(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
         self._send(script, keys, args)

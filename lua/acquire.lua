@@ -111,14 +111,16 @@ local function none()
 end
 
 -- The earliest moment a waiting key could take this request (exact for its size).
+-- (The wait score is that moment rounded up to the ms; the state gives it exactly.)
 local function consider_waiting(id, wait_score)
   if unusable[id] then return end
   local s = load(id)
   if not s then return end
-  local at = math.max(wait_score, budget_at(s.tpm, MINUTE, s.t_tpm, tokens))
+  local at, why = available_at(s, now)
+  if at == 0 then at = wait_score end
+  at = math.max(at, budget_at(s.tpm, MINUTE, s.t_tpm, tokens))
   if at < earliest then
     earliest = at
-    local _, why = available_at(s, now)
     why_none = (why ~= '' and why) or 'cooling'
   end
 end
