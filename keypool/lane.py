@@ -10,13 +10,22 @@ NOSCRIPT.
 A lane can also *send* a call without waiting for its reply (``send_unconfirmed``): Redis
 runs it at once, in order with everything else on the connection, and the reply is read
 with the lane's next call (or by :meth:`Lane.settle`). Lease reports use this, so that a
-worker's acquire-call-report cycle costs one round trip.
+busy worker's acquire-call-report cycle costs one round trip. A call is only sent that way
+on a connection in use a moment ago, with nothing unexpected to read, and running that
+script already; otherwise (an idle connection the server or a proxy may have dropped, a
+fresh one) it waits for its reply like any other call.
+
+Every call ends as a *settled* triple ``(Unconfirmed, reply, error)`` handed back to the
+caller: the reply, or the error (a refusal to run it, or a connection lost before its
+reply came, when whether it ran is unknown).
 """
 
 from __future__ import annotations
 
 import os
+import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +46,11 @@ __all__ = ["Lane", "Unconfirmed"]
 # Unread replies a lane keeps before it reads them anyway (so a thread that only reports
 # cannot pile up replies on the server).
 MAX_UNCONFIRMED = 64
+# A connection unused for longer than this may have been closed by the server (`timeout`)
+# or a proxy: a report sent on it waits for its reply (and is sent again if it was lost).
+FRESH_SECONDS = 1.0
+
+Settled = tuple["Unconfirmed", Any, BaseException | None]
 
 
 @dataclass(slots=True)
@@ -50,33 +64,38 @@ class Unconfirmed:
 
 
 class Lane:
-    """One thread's connection to a standalone Redis (or the embedded store)."""
+    """One thread's connection to a standalone Redis (or one behind Sentinel)."""
 
     __slots__ = (
         "__weakref__",
+        "_again",
         "_conn",
         "_done",
         "_functions",
         "_heads",
         "_loaded",
         "_lock",
-        "_pool",
         "_unconfirmed",
+        "_used",
         "pid",
     )
 
     def __init__(self, connection_pool: Any) -> None:
-        self._pool = connection_pool
-        self._conn: Any = connection_pool.make_connection()
+        # A connection of its own, made from the pool's settings but not counted against
+        # its max_connections (the lane lives as long as its thread).
+        kwargs = dict(connection_pool.connection_kwargs)
+        self._conn: Any = connection_pool.connection_class(**kwargs)
         self._lock = threading.Lock()
         self._unconfirmed: list[Unconfirmed] = []
-        self._done: list[Any] = []
+        self._again: list[tuple[Unconfirmed, BaseException]] = []  # refused: not run
+        self._done: list[Settled] = []
         # scripts this connection has run: only those are sent unconfirmed, so that a
         # NOSCRIPT refusal (and the call sent again after it) cannot overtake a later call
         self._loaded: set[str] = set()
         # FCALL until the server shows it has no functions for us (Redis 6, an ACL)
         self._functions = True
         self._heads: dict[tuple[str, bool, str, str, int], bytes] = {}
+        self._used = 0.0  # monotonic time of the last reply read
         self.pid = os.getpid()
 
     @property
@@ -86,21 +105,19 @@ class Lane:
 
     @property
     def busy(self) -> bool:
-        """Whether replies are still to be read."""
-        return bool(self._unconfirmed or self._done)
+        """Whether replies are still to be read (or settled calls handed back)."""
+        return bool(self._unconfirmed or self._done or self._again)
 
     def run(
         self, script: scripts.Script, keys: list[str], args: list[Any]
-    ) -> tuple[Any, list[Any]]:
-        """Call the script and wait for its reply. Returns the reply and the settled
-        unconfirmed calls sent before it, as ``(Unconfirmed, reply, error)`` triples for
-        the caller to hand on once it is done with this call."""
+    ) -> tuple[Any, list[Settled]]:
+        """Call the script and wait for its reply. Returns the reply and the calls settled
+        meanwhile, for the caller to hand on once it is done with this call."""
         with self._lock:
             try:
                 try:
                     self._send(script, keys, args)
-                    settled, again = self._read_replies()
-                    self._done += settled
+                    self._read_replies()
                     try:
                         reply = self._conn.read_response()
                         self._loaded.add(self._code(script))
@@ -108,65 +125,100 @@ class Lane:
                         if not self._refused(exc):
                             raise
                         # refused like the calls sent before it: those go again first
-                        self._done += self._call_again(again)
-                        again = []
+                        self._call_again()
                         reply = self._load_and_call(script, keys, args, exc)
-                    self._done += self._call_again(again)
                 except redis.ConnectionError as exc:
                     # dropped while idle (a server restarted, a failover): once more, on a
                     # fresh connection
                     self._drop(exc)
                     reply = self._call(script, keys, args)
+                self._call_again()
+                self._used = time.monotonic()
                 return reply, self._take_done()
+            except BaseException as exc:
+                if not isinstance(exc, redis.ResponseError):
+                    self._drop(exc)
+                elif self._again and self._conn._sock is not None:
+                    self._call_again()  # the connection is fine: refused calls go again
+                raise
+
+    def send_unconfirmed(self, call: Unconfirmed) -> list[Settled]:
+        """Send the call and return without its reply when that is safe (see the module);
+        otherwise call it and wait. Returns the calls settled meanwhile, like :meth:`run`."""
+        with self._lock:
+            try:
+                if self._unconfirmed and (
+                    len(self._unconfirmed) >= MAX_UNCONFIRMED
+                    or time.monotonic() - self._used > FRESH_SECONDS
+                ):
+                    self._read_replies()
+                    self._call_again()
+                if not self._may_send_unconfirmed(call.script):
+                    self._read_replies()
+                    self._call_again()
+                    try:
+                        reply = self._call(call.script, call.keys, call.args)
+                    except redis.ConnectionError as exc:
+                        self._drop(exc)
+                        reply = self._call(call.script, call.keys, call.args)
+                    self._used = time.monotonic()
+                    self._done.append((call, reply, None))
+                    return self._take_done()
+                # in the list before it is sent: whatever interrupts the send, its reply
+                # cannot go to another call
+                self._unconfirmed.append(call)
+                try:
+                    self._send(call.script, call.keys, call.args)
+                except redis.ConnectionError as exc:
+                    # not sent: a confirmed call on a fresh connection instead
+                    self._unconfirmed.pop()
+                    self._drop(exc)
+                    reply = self._call(call.script, call.keys, call.args)
+                    self._used = time.monotonic()
+                    self._done.append((call, reply, None))
+                return self._take_done()
             except BaseException as exc:
                 if not isinstance(exc, redis.ResponseError):
                     self._drop(exc)
                 raise
 
-    def send_unconfirmed(self, call: Unconfirmed) -> list[Any]:
-        """Send the call and return without its reply. Returns calls settled on the way
-        (when too many replies were waiting), like :meth:`run`."""
-        with self._lock:
-            settled = self._take_done()
-            loaded = self._code(call.script) in self._loaded
-            if len(self._unconfirmed) >= MAX_UNCONFIRMED or not loaded:
-                settled += self._read_unconfirmed()
-            if not loaded:
-                try:
-                    settled.append((call, self._call(call.script, call.keys, call.args), None))
-                except BaseException as exc:
-                    if not isinstance(exc, redis.ResponseError):
-                        self._drop(exc)
-                    raise
-                return settled
-            try:
-                self._send(call.script, call.keys, call.args)
-            except redis.ConnectionError:
-                # not sent: a confirmed call on a fresh connection instead (its error, if
-                # it fails too, is the caller's)
-                self._drop(redis.ConnectionError("connection lost"))
-                settled += self._take_done()
-                settled.append((call, self._call(call.script, call.keys, call.args), None))
-                return settled
-            self._unconfirmed.append(call)
-            return settled
+    def _may_send_unconfirmed(self, script: scripts.Script) -> bool:
+        """A connection in use a moment ago, running this script already, and (when no
+        reply is due) with nothing to read: no sign the server closed it."""
+        if self._conn._sock is None or self._code(script) not in self._loaded:
+            return False
+        if time.monotonic() - self._used > FRESH_SECONDS:
+            return False
+        return bool(self._unconfirmed) or self._quiet()
 
-    def settle(self) -> list[Any]:
+    def _quiet(self) -> bool:
+        """Nothing to read on the socket (no end-of-stream from a server that closed it)."""
+        sock = self._conn._sock
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def settle(self) -> list[Settled]:
         """Read every reply still unread; returns the settled calls (see :meth:`run`)."""
         with self._lock:
-            return self._take_done() + self._read_unconfirmed()
+            try:
+                self._read_replies()
+                self._call_again()
+            except BaseException as exc:
+                if not isinstance(exc, redis.ResponseError):
+                    self._drop(exc)
+                if not isinstance(exc, Exception):
+                    raise
+            return self._take_done()
 
-    def close(self) -> list[Any]:
+    def close(self) -> list[Settled]:
         """Settle what is unread, then close the connection."""
+        settled = self.settle() if self.pid == os.getpid() else []
         with self._lock:
-            settled = self._take_done()
-            if self.pid == os.getpid():
-                try:
-                    settled += self._read_unconfirmed()
-                except BaseException:
-                    settled += self._take_done()
             self._conn.disconnect()
-            return settled
+        return settled
 
     # ------------------------------------------------------------------ internals
 
@@ -265,55 +317,47 @@ class Lane:
         return True
 
     def _drop(self, exc: BaseException) -> None:
-        """The connection broke: close it (the next call reconnects); whether the calls
-        still unconfirmed ran is unknown."""
+        """The connection broke (or a read or write was cut short): close it, so the next
+        call reconnects; whether the calls still unconfirmed ran is unknown. Calls refused
+        unrun stay to be sent again."""
         self._conn.disconnect()
         self._loaded.clear()
         self._done.extend((call, None, exc) for call in self._unconfirmed)
         self._unconfirmed.clear()
 
-    def _take_done(self) -> list[Any]:
+    def _take_done(self) -> list[Settled]:
         if not self._done:
             return []
         done, self._done = self._done, []
         return done
 
-    def _read_unconfirmed(self) -> list[Any]:
-        settled, again = self._read_replies()
-        return settled + self._call_again(again)
-
-    def _read_replies(self) -> tuple[list[Any], list[tuple[Unconfirmed, BaseException]]]:
-        """Read the unconfirmed replies; calls refused with NOSCRIPT come back separately,
-        to be sent again once nothing else is in flight on the connection."""
-        if not self._unconfirmed:
-            return [], []
-        pending, self._unconfirmed = self._unconfirmed, []
-        settled: list[Any] = []
-        again: list[tuple[Unconfirmed, BaseException]] = []
-        for i, call in enumerate(pending):
+    def _read_replies(self) -> None:
+        """Read the unconfirmed replies, in order. Calls refused unrun (the code was
+        missing) are kept in ``_again``, to be sent once nothing else is in flight."""
+        while self._unconfirmed:
+            call = self._unconfirmed[0]
             try:
-                settled.append((call, self._conn.read_response(), None))
+                reply = self._conn.read_response()
             except redis.ResponseError as exc:
+                self._unconfirmed.pop(0)
                 if self._refused(exc):
-                    again.append((call, exc))  # not run: the code was missing
+                    self._again.append((call, exc))
                 else:
-                    settled.append((call, None, exc))
-            except BaseException as exc:
-                # the connection is gone: whether these ran is unknown
-                self._unconfirmed = [c for c, _ in again] + pending[i:]
-                self._drop(exc)
-                if not isinstance(exc, redis.RedisError):
-                    raise
-                return settled + self._take_done(), []
-        return settled, again
+                    self._done.append((call, None, exc))
+                continue
+            self._unconfirmed.pop(0)
+            self._used = time.monotonic()
+            self._done.append((call, reply, None))
 
-    def _call_again(self, again: list[tuple[Unconfirmed, BaseException]]) -> list[Any]:
-        settled: list[Any] = []
-        for call, refusal in again:
+    def _call_again(self) -> None:
+        """Send the refused calls again (nothing else may be in flight)."""
+        while self._again:
+            call, refusal = self._again[0]
             try:
                 reply = self._load_and_call(call.script, call.keys, call.args, refusal)
-            except redis.RedisError as exc:
-                settled.append((call, None, exc))
-            else:
-                settled.append((call, reply, None))
-        return settled
+            except redis.ResponseError as exc:
+                self._again.pop(0)
+                self._done.append((call, None, exc))
+                continue
+            self._again.pop(0)
+            self._done.append((call, reply, None))

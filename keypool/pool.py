@@ -42,6 +42,31 @@ def _settle_at_exit() -> None:
         pool._close_lanes()
 
 
+def _forget_lanes_in_child() -> None:
+    # A forked child must never read or write on its parent's lanes (their sockets and
+    # unread replies are the parent's): it makes its own on first use.
+    for pool in list(_live_pools):
+        pool._local = threading.local()
+        pool._lanes = weakref.WeakSet()
+        for finalizer in pool._finalizers:
+            finalizer.detach()
+        pool._finalizers = []
+
+
+os.register_at_fork(after_in_child=_forget_lanes_in_child)
+
+
+def _close_orphan_lane(lane: Lane, pool_ref: weakref.ReferenceType[KeyPool]) -> None:
+    """A thread with a lane has ended: read what its last reports answered, and close."""
+    try:
+        settled = lane.close()
+    except Exception:  # closing: a broken connection is no news
+        return
+    pool = pool_ref()
+    if pool is not None:
+        pool._log_unconfirmed(settled)
+
+
 T = TypeVar("T")
 
 
@@ -73,6 +98,7 @@ class KeyPool(PoolCore):
         ).__module__.startswith("fakeredis")
         self._local = threading.local()
         self._lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
+        self._finalizers: list[weakref.finalize[Any, Any]] = []  # close lanes of ended threads
         _live_pools.add(self)
 
     # ------------------------------------------------------------------ running flows
@@ -82,11 +108,18 @@ class KeyPool(PoolCore):
         if not self._lanes_possible:
             return None
         lane: Lane | None = getattr(self._local, "lane", None)
-        if lane is None or lane.pid != os.getpid():
+        if lane is None:
             lane = Lane(self._client.connection_pool)
             self._local.lane = lane
             self._local.settled = []
             self._lanes.add(lane)
+            if len(self._finalizers) >= 64:  # those of ended threads have run
+                self._finalizers = [f for f in self._finalizers if f.alive]
+            self._finalizers.append(
+                weakref.finalize(
+                    threading.current_thread(), _close_orphan_lane, lane, weakref.ref(self)
+                )
+            )
         return lane
 
     def _execute(self, op: Any) -> Any:
@@ -213,15 +246,32 @@ class KeyPool(PoolCore):
             local.handing_on = False
 
     def _close_lanes(self) -> None:
+        """Settle and close every thread's lane; the settled reports are handed on here."""
+        settled: list[Any] = []
         for lane in list(self._lanes):
             try:
-                settled = lane.close()
+                settled += lane.close()
             except Exception:  # closing: a broken connection is no news
                 continue
-            for _call, _reply, error in settled:
-                if error is not None:
-                    self._log.warning("report_unconfirmed", error=type(error).__name__)
         self._lanes.clear()
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        self._finalizers.clear()
+        if settled:
+            if not hasattr(self._local, "settled"):
+                self._local.settled = []
+            self._local.settled.extend(settled)
+            self._hand_on()
+
+    def _log_unconfirmed(self, settled: list[Any]) -> None:
+        for call, _reply, error in settled:
+            if error is not None:
+                self._log.warning(
+                    "report_unconfirmed",
+                    key_id=call.args[1],
+                    outcome=call.args[3],
+                    error=type(error).__name__,
+                )
 
     # ------------------------------------------------------------------ construction
 

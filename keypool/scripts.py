@@ -53,8 +53,11 @@ def _read(name: str) -> str:
     return (_lua_dir() / f"{name}.lua").read_text(encoding="utf-8")
 
 
+_BODY = "local function body_{name}(KEYS, ARGV)\n{text}\nend\n"
+
+
 def _body(name: str) -> str:
-    return f"local function body_{name}(KEYS, ARGV)\n{_read(name)}\nend\n"
+    return _BODY.format(name=name, text=_read(name))
 
 
 @cache
@@ -63,9 +66,16 @@ def script_source(name: str) -> str:
     return f"{_read('lib')}\n{_body(name)}begin(KEYS, ARGV)\nreturn body_{name}(KEYS, ARGV)\n"
 
 
+_WRAPPER = (
+    "redis.register_function('{function}', function(keys, args)\n"
+    "  begin(keys, args)\n  return body_{name}(keys, args)\nend)\n"
+)
+
+
 @cache
 def _version() -> str:
-    digest = hashlib.sha1()
+    # everything the library is made of: the files and the wrapper around each body
+    digest = hashlib.sha1((_BODY + _WRAPPER).encode("utf-8"))
     for name in ("lib", *_NAMES):
         digest.update(_read(name).encode("utf-8"))
     return digest.hexdigest()[:12]
@@ -82,10 +92,7 @@ def library_source() -> str:
     parts = [f"#!lua name={library_name()}\n", _read("lib"), "\n"]
     for name in _NAMES:
         parts.append(_body(name))
-        parts.append(
-            f"redis.register_function('{_function_name(name)}', function(keys, args)\n"
-            f"  begin(keys, args)\n  return body_{name}(keys, args)\nend)\n"
-        )
+        parts.append(_WRAPPER.format(function=_function_name(name), name=name))
     return "".join(parts)
 
 

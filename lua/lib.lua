@@ -109,17 +109,39 @@ local function load(id)
     }
   end
   local s = { id = id, fp = v[2], why = v[3] or '', sealed = v[4] or '' }
-  local t = {}
-  if v[1] then
+  if v[1] then   -- packed as text (a Lua without struct)
+    local t = {}
     for w in string.gmatch(v[1], '%S+') do t[#t + 1] = tonumber(w) end
-  else
-    t[1] = 1; t[18] = 1   -- a key being created: enabled, weight 1
+    for i = 1, N_PACKED do s[PACKED[i]] = t[i] or 0 end
+    s.en = DECODE.en[s.en] or '1'
+    s.circ = DECODE.circ[s.circ] or ''
+    s.loc = DECODE.loc[s.loc] or ''
+    return s
   end
-  for i = 1, N_PACKED do s[PACKED[i]] = t[i] or 0 end
-  s.en = DECODE.en[s.en] or '1'
-  s.circ = DECODE.circ[s.circ] or ''
-  s.loc = DECODE.loc[s.loc] or ''
+  -- No packed state: a key being created, or one written by an earlier keypool that kept
+  -- each number in a field of its own (moved into `st` by its next write).
+  local old = redis.call('HMGET', key_hash(id), unpack(PACKED))
+  local found = false
+  for i = 1, N_PACKED do
+    local name = PACKED[i]
+    if old[i] then found = true end
+    if ENCODE[name] then s[name] = old[i] or '' else s[name] = tonumber(old[i]) or 0 end
+  end
+  if s.en ~= '0' then s.en = '1' end
+  if s.weight <= 0 then s.weight = 1 end
+  if found then
+    s.unpacked = true
+    s.pass = s.pass * 1000   -- it counted ms then
+  end
   return s
+end
+
+-- Drop the fields an earlier keypool kept each number in, once `st` holds them.
+local function drop_unpacked(s)
+  if s.unpacked then
+    redis.call('HDEL', key_hash(s.id), unpack(PACKED))
+    s.unpacked = nil
+  end
 end
 
 local function pack_state(s)
@@ -266,12 +288,16 @@ local function flush(s, fields)
       plain[#plain + 1] = name; plain[#plain + 1] = value
     end
   end
-  if packed then plain[#plain + 1] = 'st'; plain[#plain + 1] = pack_state(s) end
+  if packed then
+    drop_unpacked(s)
+    plain[#plain + 1] = 'st'; plain[#plain + 1] = pack_state(s)
+  end
   redis.call('HSET', key_hash(s.id), unpack(plain))
 end
 
 -- Write the key's packed state as it is in s.
 local function save(s)
+  drop_unpacked(s)
   redis.call('HSET', key_hash(s.id), 'st', pack_state(s))
 end
 

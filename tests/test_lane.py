@@ -4,6 +4,8 @@ reports sent without waiting for their reply. Each test runs a private ``redis-s
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ import pytest
 import redis
 
 from keypool import KeyPool, KeyPoolSettings, scripts
+from keypool.keyspace import ProviderKeys, decode_state
+from keypool.lane import Lane
 from tests import mp_workers
 from tests.cluster import Server, start_redis
 
@@ -156,3 +160,116 @@ def test_raw_client_calls_keep_working_beside_the_lane(server: Server, namespace
         assert pool.stats(PROVIDER, lease.key_id).success_count == 1
         with redis.Redis.from_url(server.url) as raw:
             assert raw.ping()
+
+
+def test_a_report_on_a_connection_the_server_closed_is_not_lost(tmp_path: Path) -> None:
+    """The server closes idle connections (`timeout 1`): a worker that acquired, then
+    spent longer than that on its call, still has its report applied."""
+    srv = start_redis(tmp_path, extra=["--timeout", "1"])
+    try:
+        with make_pool(srv.url, "kpidle") as pool:
+            lease = pool.acquire(PROVIDER)
+            time.sleep(2.5)  # the server drops the idle connection meanwhile
+            lease.success()
+            assert totals(pool) == (1, 1, 0)
+            time.sleep(2.5)
+            pool.acquire(PROVIDER).success()
+            pool.acquire(PROVIDER).success()
+            assert totals(pool) == (3, 3, 0)
+    finally:
+        srv.kill()
+
+
+def _child_uses_the_pool(pool: KeyPool) -> None:
+    pool.providers()  # a plain command first: it must not read the parent's replies
+    with pool.acquire(PROVIDER):
+        pass
+
+
+def test_a_forked_child_leaves_the_parents_unread_replies_alone(
+    server: Server, namespace: str
+) -> None:
+    with make_pool(server.url, namespace) as pool:
+        pool.acquire(PROVIDER).success()
+        pool.acquire(PROVIDER).success()  # unconfirmed: its reply is still unread
+        child = multiprocessing.get_context("fork").Process(
+            target=_child_uses_the_pool, args=(pool,)
+        )
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        for _ in range(3):
+            pool.acquire(PROVIDER).success()
+        assert totals(pool) == (6, 6, 0)
+
+
+def test_an_interrupt_while_a_report_is_sent_keeps_later_calls_in_step(
+    server: Server, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with make_pool(server.url, namespace) as pool:
+        pool.acquire(PROVIDER).success()
+        send = Lane._send
+
+        def send_then_interrupt(self: Lane, *args: Any) -> None:
+            send(self, *args)
+            raise KeyboardInterrupt  # after the bytes left, before the call is recorded
+
+        lease = pool.acquire(PROVIDER)
+        monkeypatch.setattr(Lane, "_send", send_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            lease.success()
+        monkeypatch.undo()
+        picked = {pool.acquire(PROVIDER).key_id for _ in range(2)}
+        assert picked == {"k1", "k2"}  # real replies, not a neighbour's
+        requests, successes, in_flight = totals(pool)
+        assert (requests, successes, in_flight) == (4, 2, 2)
+
+
+def test_short_lived_threads_do_not_use_up_a_small_connection_pool(
+    server: Server, namespace: str
+) -> None:
+    url = f"{server.url}?max_connections=4"
+    with make_pool(url, namespace) as pool:
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                pool.acquire(PROVIDER).success()
+            except BaseException as exc:  # pragma: no cover - the failure being tested
+                errors.append(exc)
+
+        for _ in range(20):
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join()
+        assert not errors
+        assert totals(pool) == (20, 20, 0)
+
+
+def test_keys_kept_in_the_earlier_layout_keep_their_state(server: Server, namespace: str) -> None:
+    """A key hash written by an earlier keypool (each number in a field of its own) is read
+    as it was, and moved into the packed field by its next write."""
+    with make_pool(server.url, namespace) as pool:
+        pool.add_key(PROVIDER, "k1", mp_workers.secret_for("k1"), rpm=50, max_concurrency=3)
+        for _ in range(3):
+            pool.acquire(PROVIDER).success()
+        pool.disable_key(PROVIDER, "k2", reason="rotating")
+        before = {s.key_id: s for s in pool.snapshot(PROVIDER)}
+        with redis.Redis.from_url(server.url) as raw:
+            for key_id in ("k1", "k2"):
+                name = ProviderKeys(namespace, PROVIDER).key_hash(key_id)
+                state = decode_state(raw.hget(name, "st"))
+                state["pass"] = str(float(state["pass"]) / 1000)  # it counted ms then
+                raw.hdel(name, "st")
+                raw.hset(name, mapping={k: v for k, v in state.items() if v != ""})
+        after = {s.key_id: s for s in pool.snapshot(PROVIDER)}
+        for key_id in ("k1", "k2"):
+            assert after[key_id].as_dict() == before[key_id].as_dict()
+        pool.acquire(PROVIDER).success()  # k2 is disabled: k1 serves, and is rewritten
+        with redis.Redis.from_url(server.url) as raw:
+            fields = set(raw.hkeys(ProviderKeys(namespace, PROVIDER).key_hash("k1")))
+        assert b"st" in fields and b"total" not in fields and b"rpm" not in fields
+        k1 = pool.stats(PROVIDER, "k1")
+        expected = (before["k1"].total_requests + 1, 50, 3)
+        assert (k1.total_requests, k1.rpm, k1.max_concurrency) == expected
+        assert pool.stats(PROVIDER, "k2").status == "disabled"
