@@ -765,7 +765,9 @@ class PoolCore:
                 if held is not None and held.fp == fp:  # the usual case: a key held here
                     return Picked(provider, key_id, held.secret, lease_id, model, tokens)
                 try:
-                    secret = yield from self._secret_flow(provider, key_id, fp, sealed, lease_id)
+                    secret = yield from self._secret_flow(
+                        provider, key_id, fp, sealed, lease_id, held
+                    )
                 except SecretUnavailable as exc:
                     # a key this process cannot use (registered elsewhere without sealing,
                     # or sealed with another sealing key): never pick it here again
@@ -791,10 +793,11 @@ class PoolCore:
                 self._epochs.pop(provider, None)
         raise KeyPoolError(f"the pool state of provider {provider!r} keeps changing; giving up")
 
-    def _secret_flow(self, provider: str, key_id: str, fp: str, sealed: str, lease_id: str) -> Flow:
-        held = self._held.get(provider, {}).get(key_id)
-        if held is not None and held.fp == fp:
-            return held.secret
+    def _secret_flow(
+        self, provider: str, key_id: str, fp: str, sealed: str, lease_id: str, held: Held | None
+    ) -> Flow:
+        """The secret of a picked key this process does not hold as it is in Redis (``held``:
+        what it holds, if anything): unsealed, or the key is given back."""
         if sealed and self._sealer is not None:
             try:
                 secret = self._sealer.unseal(sealed, self._seal_context(provider, key_id))
