@@ -155,7 +155,19 @@ class Lane:
                 ):
                     self._read_replies()
                     self._call_again()
-                if not self._may_send_unconfirmed(call.script):
+                if self._may_send_unconfirmed(call.script):
+                    # in the list before it is sent: whatever interrupts the send, its reply
+                    # cannot go to another call
+                    self._unconfirmed.append(call)
+                    try:
+                        self._send(call.script, call.keys, call.args)
+                        return self._take_done()
+                    except redis.ConnectionError as exc:
+                        # not sent: a confirmed call on a fresh connection instead
+                        self._unconfirmed.pop()
+                        self._drop(exc)
+                        reply = self._call(call.script, call.keys, call.args)
+                else:
                     self._read_replies()
                     self._call_again()
                     try:
@@ -163,21 +175,8 @@ class Lane:
                     except redis.ConnectionError as exc:
                         self._drop(exc)
                         reply = self._call(call.script, call.keys, call.args)
-                    self._used = time.monotonic()
-                    self._done.append((call, reply, None))
-                    return self._take_done()
-                # in the list before it is sent: whatever interrupts the send, its reply
-                # cannot go to another call
-                self._unconfirmed.append(call)
-                try:
-                    self._send(call.script, call.keys, call.args)
-                except redis.ConnectionError as exc:
-                    # not sent: a confirmed call on a fresh connection instead
-                    self._unconfirmed.pop()
-                    self._drop(exc)
-                    reply = self._call(call.script, call.keys, call.args)
-                    self._used = time.monotonic()
-                    self._done.append((call, reply, None))
+                self._used = time.monotonic()
+                self._done.append((call, reply, None))
                 return self._take_done()
             except BaseException as exc:
                 if not isinstance(exc, redis.ResponseError):
