@@ -23,7 +23,7 @@ from keypool import (
     Provider,
     UnknownKey,
 )
-from tests.test_security import hash_texts
+from tests.test_security import read_store
 
 OPENAI = Provider.OPENAI
 
@@ -48,45 +48,15 @@ def forbidden_forms(secret: str) -> set[str]:
     return forms
 
 
-def read_everything(raw: Any, pattern: str) -> tuple[str, bytes, int]:
-    """Every key matching ``pattern``: its name and its full content as text, and its DUMP."""
-    texts: list[str] = []
-    dumps: list[bytes] = []
-    count = 0
-    for name in raw.scan_iter(match=pattern, count=1000):
-        count += 1
-        texts.append(str(name))
-        kind = raw.type(name)
-        kind = kind.decode() if isinstance(kind, bytes) else kind
-        if kind == "string":
-            texts.append(str(raw.get(name)))
-        elif kind == "hash":
-            texts.extend(hash_texts(raw, name))
-        elif kind == "zset":
-            texts.extend(f"{m}@{s}" for m, s in raw.zrange(name, 0, -1, withscores=True))
-        elif kind == "set":
-            texts.extend(str(m) for m in raw.smembers(name))
-        elif kind == "list":
-            texts.extend(str(m) for m in raw.lrange(name, 0, -1))
-        elif kind == "stream":
-            texts.extend(str(e) for e in raw.xrange(name))
-        else:  # pragma: no cover - a type the pool does not use today
-            texts.append(f"<{kind}>")
-        dumped = raw.dump(name)
-        if dumped is not None:
-            dumps.append(bytes(dumped))
-    return "\n".join(texts), b"".join(dumps), count
-
-
 def assert_not_in_store(raw: Any, namespace: str, secrets: list[str]) -> None:
-    text, dumped, count = read_everything(raw, f"{namespace}:*")
-    assert count > 0, "the pool wrote nothing?"
+    names, text, dumped = read_store(raw, f"{namespace}:*")
+    assert names, "the pool wrote nothing?"
     for secret in secrets:
         for form in forbidden_forms(secret):
             assert form not in text, f"a form of a secret is stored in Redis: {form!r}"
             assert form.encode() not in dumped, f"a form of a secret is in a DUMP: {form!r}"
     # nothing outside the namespace either (the embedded store holds only this test's data)
-    everything, all_dumped, _ = read_everything(raw, "*")
+    _, everything, all_dumped = read_store(raw, "*")
     for secret in secrets:
         unique = secret.rsplit("-", 1)[-1]
         assert unique not in everything and unique.encode() not in all_dumped
