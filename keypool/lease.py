@@ -65,8 +65,20 @@ class _LeaseBase:
 
     __str__ = __repr__
 
-    def _success_args(self, tokens: int | None, latency: float | None) -> tuple[int | None, float]:
+    def _success_args(
+        self,
+        tokens: int | None,
+        latency: float | None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> tuple[int | None, float]:
         tokens = tokens_arg(tokens, allow_none=True)
+        parts = [
+            tokens_arg(input_tokens, allow_none=True),
+            tokens_arg(output_tokens, allow_none=True),
+        ]
+        if tokens is None and any(p is not None for p in parts):
+            tokens = sum(p or 0 for p in parts)
         if latency is None:
             return tokens, time.monotonic() - self._started
         if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
@@ -88,12 +100,20 @@ class Lease(_LeaseBase):
         super().__init__(picked)
         self._pool = pool
 
-    def success(self, tokens: int | None = None, latency: float | None = None) -> None:
-        """The call succeeded. ``tokens``: tokens actually used (reconciles the reservation);
-        ``latency``: seconds the call took (default: the time since acquire)."""
+    def success(
+        self,
+        tokens: int | None = None,
+        latency: float | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """The call succeeded. ``tokens``: tokens actually used (reconciles the reservation;
+        default: ``input_tokens + output_tokens`` when those are given); ``latency``: seconds
+        the call took (default: the time since acquire)."""
         if self._closed:
             return
-        tokens, seconds = self._success_args(tokens, latency)
+        tokens, seconds = self._success_args(tokens, latency, input_tokens, output_tokens)
         self._closed = True
         self._pool._report_lease(self._picked, "success", tokens, seconds)
 
@@ -155,11 +175,18 @@ class AsyncLease(_LeaseBase):
         super().__init__(picked)
         self._pool = pool
 
-    async def success(self, tokens: int | None = None, latency: float | None = None) -> None:
+    async def success(
+        self,
+        tokens: int | None = None,
+        latency: float | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
         """See :meth:`Lease.success`."""
         if self._closed:
             return
-        tokens, seconds = self._success_args(tokens, latency)
+        tokens, seconds = self._success_args(tokens, latency, input_tokens, output_tokens)
         self._closed = True
         await self._pool._adrive(
             self._pool._lease_report_flow(self._picked, "success", tokens=tokens, latency=seconds)
