@@ -7,18 +7,11 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, S
 from types import TracebackType
 from typing import Any, TypeVar
 
+from . import scripts
 from .classify import Failure
-from .core import (
-    Cmd,
-    CmdMany,
-    Flow,
-    Invoke,
-    Picked,
-    PoolCore,
-    Run,
-    Sleep,
-)
+from .core import PoolCore
 from .lease import AsyncLease
+from .ops import Cmd, CmdMany, Flow, Invoke, Picked, Run, RunMany, Sleep
 from .settings import KeyPoolSettings
 from .stats import KeyStats
 from .store import open_store_async
@@ -106,19 +99,23 @@ class AsyncKeyPool(PoolCore):
 
     async def _execute_now(self, op: Any) -> Any:
         client = self._client
-        if type(op) is Run:
+        if type(op) is Run:  # every call waits for its reply here
             space = self._space(op.provider)
-            return await op.script.call_async(client, space.keys, [space.prefix, *op.args])
-        if type(op) is Sleep:
-            await asyncio.sleep(op.seconds)
-            return None
+            args = [space.prefix, *op.call.argv()]
+            return await op.call.script.call_async(client, space.keys, args)
+        if type(op) is RunMany:
+            calls: list[scripts.Call] = []
+            for provider, call in op.calls:
+                space = self._space(provider)
+                calls.append((call.script, space.keys, [space.prefix, *call.argv()]))
+            return await scripts.run_many_async(client, calls)
         if type(op) is Cmd:
             return await getattr(client, op.name)(*op.args)
         if type(op) is CmdMany:
             pipe = client.pipeline(transaction=False)
-            for name, args in op.cmds:
-                getattr(pipe, name)(*args)
-            return await pipe.execute(raise_on_error=op.raise_on_error)
+            for name, cmd_args in op.cmds:
+                getattr(pipe, name)(*cmd_args)
+            return await pipe.execute()
         raise TypeError(f"unknown operation {op!r}")
 
     async def _invoke(self, op: Invoke) -> tuple[bool, Any]:
@@ -274,12 +271,40 @@ class AsyncKeyPool(PoolCore):
         strategy: str | None = None,
         tokens: int = 0,
         wait: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> AcquireContext:
         """See :meth:`KeyPool.acquire`. ``lease = await pool.acquire(...)`` or
         ``async with pool.acquire(...) as lease:``."""
         return AcquireContext(
-            self, self._acquire_flow(provider, model, strategy, tokens, wait, True)
+            self,
+            self._acquire_flow(
+                provider,
+                model,
+                strategy,
+                tokens,
+                wait,
+                True,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+            ),
         )
+
+    async def next_key(
+        self,
+        provider: object | None = None,
+        *,
+        model: str | None = None,
+        strategy: str | None = None,
+    ) -> tuple[str, str]:
+        """See :meth:`KeyPool.next_key`."""
+        picked = await self._adrive(self._acquire_flow(provider, model, strategy, 0, None, False))
+        return picked.key_id, picked.secret
+
+    async def server_time(self) -> float:
+        """See :meth:`KeyPool.server_time`."""
+        result: float = await self._adrive(self._server_time_flow())
+        return result
 
     async def mark_success(
         self,

@@ -398,9 +398,12 @@ def _check_retry_after(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"retry_after must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"retry_after must be a finite number >= 0, got {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError("invalid retry_after: the number is too large") from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= 1e9:
+        raise ValueError(f"invalid retry_after {value!r}: expected seconds >= 0 and <= 1e9")
     return seconds
 
 

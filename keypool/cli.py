@@ -302,8 +302,7 @@ def _is_memory(pool: KeyPool) -> bool:
 def _store_now(pool: KeyPool) -> float:
     """The store's clock (all of keypool's times come from Redis), else this machine's."""
     try:
-        seconds, micros = pool._client.time()
-        return float(seconds) + float(micros) / 1e6
+        return pool.server_time()
     except Exception:  # a cluster answers per node; any trouble: the local clock will do
         return time.time()
 

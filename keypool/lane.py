@@ -1,37 +1,34 @@
-"""The hot path's own connection: one per thread, commands written and read directly.
+"""The hot path's own connection: one per thread, script calls written and read directly.
 
 A pool decision is one script call. Sent through redis-py's generic ``execute_command``,
 a call also pays for the connection pool's lock, the retry wrapper and the client's
-instrumentation — on a fast loopback as much again as the round trip itself. A lane
-holds one connection per thread and writes and reads the script call on it directly,
-with the same rules: one immediate retry after a dropped connection, a reload after
-NOSCRIPT.
+instrumentation — on a fast loopback as much again as the round trip itself. A lane holds
+one connection per thread and writes and reads the script call on it directly.
 
-A lane can also *send* a call without waiting for its reply (``send_unconfirmed``): Redis
-runs it at once, in order with everything else on the connection, and the reply is read
-with the lane's next call (or by :meth:`Lane.settle`). Lease reports use this, so that a
-busy worker's acquire-call-report cycle costs one round trip. A call is only sent that way
-on a connection in use a moment ago, with nothing unexpected to read, and running that
-script already; otherwise (an idle connection the server or a proxy may have dropped, a
-fresh one) it waits for its reply like any other call.
+Every script is idempotent under its call id, so the rules are short:
 
-Every call ends as a *settled* triple ``(Unconfirmed, reply, error)`` handed back to the
-caller: the reply, or the error (a refusal to run it, or a connection lost before its
-reply came, when whether it ran is unknown).
+* :meth:`Lane.call` sends a call and waits for its reply. A connection that drops is
+  reopened and the call sent once more (if the first one ran, its repeat changes nothing
+  and answers the same). A call refused for want of the code is loaded and sent again
+  (:func:`keypool.scripts.with_reload`).
+* :meth:`Lane.send` may return before the reply comes: only on a connection that answered
+  a moment ago and runs that script already. The reply is read by the thread's next call
+  (or :meth:`Lane.settle`), and handed back as a *late reply* for the caller to log. A
+  connection lost before those replies came is reopened and the calls sent again.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
-import select
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.exceptions import NoPermissionError, NoScriptError
 
 from . import scripts
 
@@ -41,28 +38,32 @@ try:  # hiredis packs a command in one C call (redis-py's packer checks each arg
 except ImportError:  # pragma: no cover - hiredis is optional
     _pack = None
 
-__all__ = ["Lane", "Unconfirmed"]
+__all__ = ["Lane", "Lanes", "Late"]
 
-# Unread replies a lane keeps before it reads them anyway (so a thread that only reports
-# cannot pile up replies on the server).
-MAX_UNCONFIRMED = 64
+# Calls a lane leaves unread before it reads them anyway.
+MAX_UNREAD = 64
 # A connection unused for longer than this may have been closed by the server (`timeout`)
-# or a proxy: a report sent on it waits for its reply (and is sent again if it was lost).
+# or a proxy: a call sent on it waits for its reply.
 FRESH_SECONDS = 1.0
 # A connection that answered within this long is taken as alive without a look at it.
 PROVEN_SECONDS = 0.02
 
-Settled = tuple["Unconfirmed", Any, BaseException | None]
+
+@dataclass(slots=True)
+class Late:
+    """A call sent without waiting, with its reply (or the error that ended it)."""
+
+    tag: Any
+    reply: Any
+    error: BaseException | None
 
 
 @dataclass(slots=True)
-class Unconfirmed:
-    """A call sent without waiting; ``then`` gets its reply (or the exception) later."""
-
+class _Sent:
     script: scripts.Script
     keys: list[str]
     args: list[Any]
-    then: Callable[[Any, BaseException | None], None]
+    tag: Any
 
 
 class Lane:
@@ -70,14 +71,12 @@ class Lane:
 
     __slots__ = (
         "__weakref__",
-        "_again",
         "_conn",
-        "_done",
         "_functions",
         "_heads",
         "_loaded",
         "_lock",
-        "_unconfirmed",
+        "_unread",
         "_used",
         "pid",
     )
@@ -85,17 +84,11 @@ class Lane:
     def __init__(self, connection_pool: Any) -> None:
         # A connection of its own, made from the pool's settings but not counted against
         # its max_connections (the lane lives as long as its thread).
-        kwargs = dict(connection_pool.connection_kwargs)
-        self._conn: Any = connection_pool.connection_class(**kwargs)
+        self._conn: Any = connection_pool.connection_class(**connection_pool.connection_kwargs)
         self._lock = threading.Lock()
-        self._unconfirmed: list[Unconfirmed] = []
-        self._again: list[tuple[Unconfirmed, BaseException]] = []  # refused: not run
-        self._done: list[Settled] = []
-        # scripts this connection has run: only those are sent unconfirmed, so that a
-        # NOSCRIPT refusal (and the call sent again after it) cannot overtake a later call
-        self._loaded: set[str] = set()
-        # FCALL until the server shows it has no functions for us (Redis 6, an ACL)
-        self._functions = True
+        self._unread: list[_Sent] = []
+        self._loaded: set[str] = set()  # code this connection has run (sent unread only then)
+        self._functions = True  # FCALL until the server shows it has no functions for us
         self._heads: dict[tuple[str, bool, str, str, int], bytes] = {}
         self._used = 0.0  # monotonic time of the last reply read
         self.pid = os.getpid()
@@ -107,130 +100,179 @@ class Lane:
 
     @property
     def busy(self) -> bool:
-        """Whether replies are still to be read (or settled calls handed back)."""
-        return bool(self._unconfirmed or self._done or self._again)
+        """Whether replies are still to be read."""
+        return bool(self._unread)
 
-    def run(
+    def call(
         self, script: scripts.Script, keys: list[str], args: list[Any]
-    ) -> tuple[Any, list[Settled]]:
-        """Call the script and wait for its reply. Returns the reply and the calls settled
-        meanwhile, for the caller to hand on once it is done with this call."""
+    ) -> tuple[Any, list[Late]]:
+        """Run the call and wait for its reply. Returns it with the late replies read first."""
         with self._lock:
-            try:
-                try:
-                    self._send(script, keys, args)
-                    self._read_replies()
-                    try:
-                        reply = self._conn.read_response()
-                        self._loaded.add(self._code(script))
-                    except redis.ResponseError as exc:
-                        if not self._refused(exc):
-                            raise
-                        # refused like the calls sent before it: those go again first
-                        self._call_again()
-                        reply = self._load_and_call(script, keys, args, exc)
-                except redis.ConnectionError as exc:
-                    # dropped while idle (a server restarted, a failover): once more, on a
-                    # fresh connection
-                    self._drop(exc)
-                    reply = self._call(script, keys, args)
-                self._call_again()
-                self._used = time.monotonic()
-                return reply, self._take_done()
-            except BaseException as exc:
-                if not isinstance(exc, redis.ResponseError):
-                    self._drop(exc)
-                elif self._again and self._conn._sock is not None:
-                    self._call_again()  # the connection is fine: refused calls go again
-                raise
+            late = self._read_unread()
+            return self._round_trip(script, keys, args), late
 
-    def send_unconfirmed(self, call: Unconfirmed) -> list[Settled]:
-        """Send the call and return without its reply when that is safe (see the module);
-        otherwise call it and wait. Returns the calls settled meanwhile, like :meth:`run`."""
+    def send(
+        self, script: scripts.Script, keys: list[str], args: list[Any], tag: Any
+    ) -> list[Late]:
+        """Send the call; return without its reply when that is safe (see the module),
+        otherwise wait for it. Returns the late replies read meanwhile (this call's among
+        them when it waited)."""
         with self._lock:
+            if len(self._unread) >= MAX_UNREAD or not self._may_leave_unread(script):
+                late = self._read_unread()
+                reply = self._round_trip(script, keys, args)
+                late.append(Late(tag, reply, None))
+                return late
+            sent = _Sent(script, keys, args, tag)
+            self._unread.append(sent)  # before it is sent: its reply can go to no other call
             try:
-                if self._unconfirmed and (
-                    len(self._unconfirmed) >= MAX_UNCONFIRMED
-                    or time.monotonic() - self._used > FRESH_SECONDS
-                ):
-                    self._read_replies()
-                    self._call_again()
-                if self._may_send_unconfirmed(call.script):
-                    # in the list before it is sent: whatever interrupts the send, its reply
-                    # cannot go to another call
-                    self._unconfirmed.append(call)
-                    try:
-                        self._send(call.script, call.keys, call.args)
-                        return self._take_done()
-                    except redis.ConnectionError as exc:
-                        # not sent: a confirmed call on a fresh connection instead
-                        self._unconfirmed.pop()
-                        self._drop(exc)
-                        reply = self._call(call.script, call.keys, call.args)
-                else:
-                    self._read_replies()
-                    self._call_again()
-                    try:
-                        reply = self._call(call.script, call.keys, call.args)
-                    except redis.ConnectionError as exc:
-                        self._drop(exc)
-                        reply = self._call(call.script, call.keys, call.args)
-                self._used = time.monotonic()
-                self._done.append((call, reply, None))
-                return self._take_done()
-            except BaseException as exc:
-                if not isinstance(exc, redis.ResponseError):
-                    self._drop(exc)
+                self._write(script, keys, args)
+            except redis.ConnectionError:
+                self._conn.disconnect()  # the unread calls go again, on a fresh connection
+                return self._read_unread()
+            except BaseException:
+                self._conn.disconnect()
                 raise
+            return []
 
-    def _may_send_unconfirmed(self, script: scripts.Script) -> bool:
+    def settle(self) -> list[Late]:
+        """Read every reply still unread."""
+        with self._lock:
+            return self._read_unread()
+
+    def close(self) -> list[Late]:
+        """Settle what is unread, then close the connection."""
+        late: list[Late] = []
+        if self.pid == os.getpid():
+            try:
+                late = self.settle()
+            except Exception:  # closing: a broken connection is no news
+                late = []
+        with self._lock:
+            self._conn.disconnect()
+        return late
+
+    # ------------------------------------------------------------------ internals
+
+    def _may_leave_unread(self, script: scripts.Script) -> bool:
         """A connection in use a moment ago, running this script already, and (when no
         reply is due) with nothing to read: no sign the server closed it."""
-        if self._conn._sock is None or self._code(script) not in self._loaded:
+        if not self._conn.is_connected or self._code(script) not in self._loaded:
             return False
         idle = time.monotonic() - self._used
         if idle > FRESH_SECONDS:
             return False
-        # a reply read a few milliseconds ago is proof enough (and saves a system call)
-        return idle < PROVEN_SECONDS or bool(self._unconfirmed) or self._quiet()
-
-    def _quiet(self) -> bool:
-        """Nothing to read on the socket (no end-of-stream from a server that closed it)."""
-        sock = self._conn._sock
+        if idle < PROVEN_SECONDS or self._unread:
+            return True
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):
+            return not self._conn.can_read(timeout=0)  # an end-of-stream reads as readable
+        except (redis.ConnectionError, OSError):
             return False
-        return not readable
 
-    def settle(self) -> list[Settled]:
-        """Read every reply still unread; returns the settled calls (see :meth:`run`)."""
-        with self._lock:
-            try:
-                self._read_replies()
-                self._call_again()
-            except BaseException as exc:
-                if not isinstance(exc, redis.ResponseError):
-                    self._drop(exc)
-                if not isinstance(exc, Exception):
-                    raise
-            return self._take_done()
-
-    def close(self) -> list[Settled]:
-        """Settle what is unread, then close the connection."""
-        settled = self.settle() if self.pid == os.getpid() else []
-        with self._lock:
+    def _read_unread(self) -> list[Late]:
+        """Read the unread replies in order. A call refused for want of the code is sent
+        again after a load; when the connection is lost, the rest are sent again."""
+        late: list[Late] = []
+        try:
+            while self._unread:
+                sent = self._unread[0]
+                try:
+                    reply = self._conn.read_response()
+                except redis.ResponseError as exc:
+                    self._unread.pop(0)
+                    if scripts.refused(exc, self._functions):
+                        self._flush_unread_then_retry(sent, late)
+                    else:
+                        late.append(Late(sent.tag, None, exc))
+                    continue
+                self._unread.pop(0)
+                self._used = time.monotonic()
+                late.append(Late(sent.tag, reply, None))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._conn.disconnect()
-        return settled
+            self._loaded.clear()
+            again, self._unread = self._unread, []
+            for sent in again:  # each is idempotent: one that did run changes nothing
+                try:
+                    late.append(
+                        Late(sent.tag, self._round_trip(sent.script, sent.keys, sent.args), None)
+                    )
+                except redis.RedisError as exc:
+                    late.append(Late(sent.tag, None, exc))
+        return late
 
-    # ------------------------------------------------------------------ internals
+    def _flush_unread_then_retry(self, sent: _Sent, late: list[Late]) -> None:
+        # the calls sent after it were refused too, or ran: read them first
+        rest, self._unread = self._unread, []
+        pending: list[tuple[_Sent, Any]] = [(sent, None)]
+        for other in rest:
+            try:
+                pending.append((other, self._conn.read_response()))
+            except redis.ResponseError as exc:
+                pending.append((other, exc if not scripts.refused(exc, self._functions) else None))
+        for call, answer in pending:
+            if answer is None:
+                try:
+                    answer = self._round_trip(call.script, call.keys, call.args)
+                except redis.ResponseError as exc:
+                    answer = exc
+            if isinstance(answer, BaseException):
+                late.append(Late(call.tag, None, answer))
+            else:
+                late.append(Late(call.tag, answer, None))
+
+    def _round_trip(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self._call_loaded(script, keys, args)
+        except (redis.ConnectionError, OSError):
+            # dropped (a server restarted, a failover, a blip): once more on a fresh
+            # connection; a call that did run answers the same and changes nothing
+            self._conn.disconnect()
+            self._loaded.clear()
+            return self._call_loaded(script, keys, args)
+        except BaseException:
+            self._conn.disconnect()
+            self._loaded.clear()
+            raise
+
+    def _call_loaded(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
+        def once() -> Any:
+            self._write(script, keys, args)
+            reply = self._conn.read_response()
+            self._used = time.monotonic()
+            self._loaded.add(self._code(script))
+            return reply
+
+        try:
+            return scripts.with_reload(once, lambda: self._load(script), self._functions)
+        except redis.ResponseError as exc:
+            if self._functions and scripts.refused(exc, True):
+                self._functions = False  # no functions to be had here: scripts from now on
+                return scripts.with_reload(once, lambda: self._load(script))
+            raise
+
+    def _load(self, script: scripts.Script) -> None:
+        """Load what the server lacks: the function library (else scripts for good), or the
+        script."""
+        conn = self._conn
+        if self._functions:
+            conn.send_command("FUNCTION", "LOAD", scripts.library_source())
+            try:
+                conn.read_response()
+                return
+            except redis.ResponseError as exc:
+                if "already exists" in str(exc):
+                    return
+                self._functions = False
+        conn.send_command("SCRIPT", "LOAD", script.source)
+        conn.read_response()
 
     def _code(self, script: scripts.Script) -> str:
         return script.function if self._functions else script.sha
 
-    def _send(self, script: scripts.Script, keys: list[str], args: list[Any]) -> None:
+    def _write(self, script: scripts.Script, keys: list[str], args: list[Any]) -> None:
         conn = self._conn
-        if conn._sock is None:
+        if not conn.is_connected:
             # connect() as the pool would: a Sentinel-managed connection asks the Sentinels
             # for the master there (sending on an unconnected one would not)
             conn.connect()
@@ -254,113 +296,79 @@ class Lane:
         total = 3 + len(keys) + len(args)
         return b"*%d\r\n" % total + fixed[fixed.index(b"\n") + 1 :]
 
-    def _call(self, script: scripts.Script, keys: list[str], args: list[Any]) -> Any:
-        self._send(script, keys, args)
-        try:
-            reply = self._conn.read_response()
-        except redis.ResponseError as exc:
-            if not self._refused(exc):
-                raise
-            return self._load_and_call(script, keys, args, exc)
-        self._loaded.add(self._code(script))
-        return reply
 
-    def _refused(self, exc: redis.ResponseError) -> bool:
-        """Whether the server refused the call without running it, for want of the code:
-        a flushed script cache, no functions loaded, or none to be had."""
-        if isinstance(exc, NoScriptError):
-            return True
-        if not self._functions:
-            return False
-        text = str(exc).lower()
-        return (
-            "function not found" in text
-            or "unknown command" in text
-            or (isinstance(exc, NoPermissionError) and "'fcall'" in text)
-        )
+# Every Lanes object, for the process's exit and for a forked child.
+_every: weakref.WeakSet[Lanes] = weakref.WeakSet()
 
-    def _load_and_call(
-        self, script: scripts.Script, keys: list[str], args: list[Any], refusal: BaseException
-    ) -> Any:
-        """Load what the server lacks and call again: the function library once (else fall
-        back to scripts for good), scripts up to RELOADS times."""
-        missing = "function not found" in str(refusal).lower()
-        if self._functions and missing and self._load_library():
-            self._send(script, keys, args)
-            try:
-                reply = self._conn.read_response()
-            except redis.ResponseError as exc:
-                if not self._refused(exc):
-                    raise
-            else:
-                self._loaded.add(self._code(script))
-                return reply
-        self._functions = False
-        for _attempt in range(scripts.RELOADS):
-            self._conn.connect()
-            self._conn.send_command("SCRIPT", "LOAD", script.source)
-            self._conn.read_response()
-            self._send(script, keys, args)
-            try:
-                reply = self._conn.read_response()
-            except NoScriptError:
-                continue
-            self._loaded.add(script.sha)
-            return reply
-        raise NoScriptError(f"the server keeps losing script {script.name!r}")
 
-    def _load_library(self) -> bool:
-        self._conn.connect()
-        self._conn.send_command("FUNCTION", "LOAD", scripts.library_source())
-        try:
-            self._conn.read_response()
-        except redis.ResponseError as exc:
-            # loaded meanwhile by another process: fine; anything else: no functions here
-            return "already exists" in str(exc)
-        return True
+@atexit.register
+def _settle_at_exit() -> None:
+    for lanes in list(_every):
+        lanes.close()
 
-    def _drop(self, exc: BaseException) -> None:
-        """The connection broke (or a read or write was cut short): close it, so the next
-        call reconnects; whether the calls still unconfirmed ran is unknown. Calls refused
-        unrun stay to be sent again."""
-        self._conn.disconnect()
-        self._loaded.clear()
-        self._done.extend((call, None, exc) for call in self._unconfirmed)
-        self._unconfirmed.clear()
 
-    def _take_done(self) -> list[Settled]:
-        if not self._done:
-            return []
-        done, self._done = self._done, []
-        return done
+def _forget_in_child() -> None:
+    # A forked child must never read or write on its parent's lanes (their sockets and
+    # unread replies are the parent's): it makes its own on first use.
+    for lanes in list(_every):
+        lanes.forget()
 
-    def _read_replies(self) -> None:
-        """Read the unconfirmed replies, in order. Calls refused unrun (the code was
-        missing) are kept in ``_again``, to be sent once nothing else is in flight."""
-        while self._unconfirmed:
-            call = self._unconfirmed[0]
-            try:
-                reply = self._conn.read_response()
-            except redis.ResponseError as exc:
-                self._unconfirmed.pop(0)
-                if self._refused(exc):
-                    self._again.append((call, exc))
-                else:
-                    self._done.append((call, None, exc))
-                continue
-            self._unconfirmed.pop(0)
-            self._used = time.monotonic()
-            self._done.append((call, reply, None))
 
-    def _call_again(self) -> None:
-        """Send the refused calls again (nothing else may be in flight)."""
-        while self._again:
-            call, refusal = self._again[0]
-            try:
-                reply = self._load_and_call(call.script, call.keys, call.args, refusal)
-            except redis.ResponseError as exc:
-                self._again.pop(0)
-                self._done.append((call, None, exc))
-                continue
-            self._again.pop(0)
-            self._done.append((call, reply, None))
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class Lanes:
+    """The lanes of one pool: one per thread, made on first use, settled and closed when
+    their thread ends, at :meth:`close` and at exit, dropped in a forked child. Late
+    replies read then go to ``on_late`` (which only logs)."""
+
+    def __init__(self, connection_pool: Any, on_late: Callable[[list[Late]], None]) -> None:
+        self._pool = connection_pool
+        self._on_late = on_late
+        self._local = threading.local()
+        self._all: weakref.WeakSet[Lane] = weakref.WeakSet()
+        self._finalizers: list[weakref.finalize[Any, Any]] = []
+        _every.add(self)
+
+    def current(self) -> Lane:
+        """This thread's lane."""
+        lane: Lane | None = getattr(self._local, "lane", None)
+        if lane is None:
+            lane = self._local.lane = Lane(self._pool)
+            self._all.add(lane)
+            if len(self._finalizers) >= 64:  # those of ended threads have run
+                self._finalizers = [f for f in self._finalizers if f.alive]
+            self._finalizers.append(
+                weakref.finalize(threading.current_thread(), _close_lane, lane, self._on_late)
+            )
+        return lane
+
+    def existing(self) -> Lane | None:
+        """This thread's lane, if it has one."""
+        lane: Lane | None = getattr(self._local, "lane", None)
+        return lane
+
+    def close(self) -> None:
+        for lane in list(self._all):
+            _close_lane(lane, self._on_late)
+        self._all.clear()
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        self._finalizers.clear()
+        self._local = threading.local()
+
+    def forget(self) -> None:
+        self._local = threading.local()
+        self._all = weakref.WeakSet()
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        self._finalizers = []
+
+
+def _close_lane(lane: Lane, on_late: Callable[[list[Late]], None]) -> None:
+    try:
+        late = lane.close()
+    except Exception:  # closing: a broken connection is no news
+        return
+    if late:
+        on_late(late)

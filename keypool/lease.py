@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .classify import Failure, classify
-from .core import Picked, tokens_arg
+from .ops import Picked
+from .validate import seconds_arg, tokens_arg
 
 if TYPE_CHECKING:
     from .aio import AsyncKeyPool
@@ -69,21 +70,17 @@ class _LeaseBase:
         self,
         tokens: int | None,
         latency: float | None,
-        input_tokens: int | None = None,
-        output_tokens: int | None = None,
-    ) -> tuple[int | None, float]:
-        tokens = tokens_arg(tokens, allow_none=True)
-        parts = [
-            tokens_arg(input_tokens, allow_none=True),
-            tokens_arg(output_tokens, allow_none=True),
-        ]
-        if tokens is None and any(p is not None for p in parts):
-            tokens = sum(p or 0 for p in parts)
-        if latency is None:
-            return tokens, time.monotonic() - self._started
-        if isinstance(latency, bool) or not isinstance(latency, int | float) or latency < 0:
-            raise ValueError(f"invalid latency {latency!r}: expected seconds >= 0")
-        return tokens, float(latency)
+        input_tokens: int | None,
+        output_tokens: int | None,
+    ) -> dict[str, Any]:
+        """The checked figures of a success (tokens ``None``: as estimated)."""
+        seconds = seconds_arg("latency", latency)
+        return {
+            "tokens": tokens_arg(tokens, allow_none=True),
+            "input_tokens": tokens_arg(input_tokens, "input_tokens", allow_none=True),
+            "output_tokens": tokens_arg(output_tokens, "output_tokens", allow_none=True),
+            "latency": time.monotonic() - self._started if seconds is None else seconds,
+        }
 
 
 class Lease(_LeaseBase):
@@ -113,9 +110,9 @@ class Lease(_LeaseBase):
         the call took (default: the time since acquire)."""
         if self._closed:
             return
-        tokens, seconds = self._success_args(tokens, latency, input_tokens, output_tokens)
+        figures = self._success_args(tokens, latency, input_tokens, output_tokens)
         self._closed = True
-        self._pool._report_lease(self._picked, "success", tokens, seconds)
+        self._pool._drive(self._pool._lease_report_flow(self._picked, "success", **figures))
 
     def fail(
         self,
@@ -140,7 +137,7 @@ class Lease(_LeaseBase):
         if self._closed:
             return
         self._closed = True
-        self._pool._report_lease(self._picked, "release")
+        self._pool._drive(self._pool._lease_report_flow(self._picked, "release"))
 
     def renew(self, ttl: float | None = None) -> bool:
         """Extend the lease (for long streams) by ``ttl`` seconds from now (default: the
@@ -186,11 +183,9 @@ class AsyncLease(_LeaseBase):
         """See :meth:`Lease.success`."""
         if self._closed:
             return
-        tokens, seconds = self._success_args(tokens, latency, input_tokens, output_tokens)
+        figures = self._success_args(tokens, latency, input_tokens, output_tokens)
         self._closed = True
-        await self._pool._adrive(
-            self._pool._lease_report_flow(self._picked, "success", tokens=tokens, latency=seconds)
-        )
+        await self._pool._adrive(self._pool._lease_report_flow(self._picked, "success", **figures))
 
     async def fail(
         self,

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -14,58 +10,16 @@ import redis
 
 from . import scripts
 from .classify import Failure
-from .core import (
-    Cmd,
-    CmdMany,
-    Flow,
-    Invoke,
-    Picked,
-    PoolCore,
-    Run,
-    Sleep,
-)
-from .lane import Lane, Unconfirmed
+from .core import PoolCore
+from .lane import Lanes, Late
 from .lease import Lease
+from .ops import Cmd, CmdMany, Flow, Invoke, Run, RunMany, Sleep
+from .protocol import Report, parse_report
 from .settings import KeyPoolSettings
 from .stats import KeyStats
-from .store import open_store
+from .store import is_embedded, open_store
 
 __all__ = ["KeyPool"]
-
-# pools whose last reports' replies are read at interpreter exit
-_live_pools: weakref.WeakSet[KeyPool] = weakref.WeakSet()
-
-
-@atexit.register
-def _settle_at_exit() -> None:
-    for pool in list(_live_pools):
-        pool._close_lanes()
-
-
-def _forget_lanes_in_child() -> None:
-    # A forked child must never read or write on its parent's lanes (their sockets and
-    # unread replies are the parent's): it makes its own on first use.
-    for pool in list(_live_pools):
-        pool._local = threading.local()
-        pool._lanes = weakref.WeakSet()
-        for finalizer in pool._finalizers:
-            finalizer.detach()
-        pool._finalizers = []
-
-
-os.register_at_fork(after_in_child=_forget_lanes_in_child)
-
-
-def _close_orphan_lane(lane: Lane, pool_ref: weakref.ReferenceType[KeyPool]) -> None:
-    """A thread with a lane has ended: read what its last reports answered, and close."""
-    try:
-        settled = lane.close()
-    except Exception:  # closing: a broken connection is no news
-        return
-    pool = pool_ref()
-    if pool is not None:
-        pool._log_unconfirmed(settled)
-
 
 T = TypeVar("T")
 
@@ -92,64 +46,72 @@ class KeyPool(PoolCore):
             connect_timeout=self.settings.connect_timeout,
         )
         # the hot path's connections, one per thread: not on a Cluster (its client routes
-        # each call), nor on the embedded store (it answers calls sent ahead out of order)
-        self._lanes_possible = isinstance(self._client, redis.Redis) and not type(
-            self._client
-        ).__module__.startswith("fakeredis")
-        self._local = threading.local()
-        self._lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
-        self._finalizers: list[weakref.finalize[Any, Any]] = []  # close lanes of ended threads
-        _live_pools.add(self)
+        # each call), nor on the embedded store
+        self._lanes: Lanes | None = None
+        if isinstance(self._client, redis.Redis) and not is_embedded(self._client):
+            self._lanes = Lanes(self._client.connection_pool, self._log_late)
 
     # ------------------------------------------------------------------ running flows
-
-    def _lane(self) -> Lane | None:
-        """This thread's lane (made on first use; anew in a forked child)."""
-        if not self._lanes_possible:
-            return None
-        lane: Lane | None = getattr(self._local, "lane", None)
-        if lane is None:
-            lane = Lane(self._client.connection_pool)
-            self._local.lane = lane
-            self._local.settled = []
-            self._lanes.add(lane)
-            if len(self._finalizers) >= 64:  # those of ended threads have run
-                self._finalizers = [f for f in self._finalizers if f.alive]
-            self._finalizers.append(
-                weakref.finalize(
-                    threading.current_thread(), _close_orphan_lane, lane, weakref.ref(self)
-                )
-            )
-        return lane
 
     def _execute(self, op: Any) -> Any:
         client = self._client
         if type(op) is Run:
             space = self._space(op.provider)
-            lane = self._lane()
-            if lane is None:
-                return op.script(client, space.keys, [space.prefix, *op.args])
-            reply, settled = lane.run(op.script, space.keys, [space.prefix, *op.args])
-            if settled:
-                self._local.settled.extend(settled)
+            args = [space.prefix, *op.call.argv()]
+            if self._lanes is None:
+                return op.call.script(client, space.keys, args)
+            lane = self._lanes.current()
+            if op.confirm:
+                reply, late = lane.call(op.call.script, space.keys, args)
+            else:
+                reply, late = (
+                    None,
+                    lane.send(op.call.script, space.keys, args, (op.provider, op.call)),
+                )
+            if late:
+                self._log_late(late)
             return reply
         if type(op) is Sleep:
             time.sleep(op.seconds)
             return None
-        lane = getattr(self._local, "lane", None)
-        if lane is not None and lane.busy:
+        if type(op) is Invoke:
+            return self._invoke(op)
+        if self._lanes is not None and (mine := self._lanes.existing()) is not None and mine.busy:
             # reports sent from this thread reach the store before anything read here
-            self._local.settled.extend(lane.settle())
+            self._log_late(mine.settle())
+        if type(op) is RunMany:
+            calls: list[scripts.Call] = []
+            for provider, call in op.calls:
+                space = self._space(provider)
+                calls.append((call.script, space.keys, [space.prefix, *call.argv()]))
+            return scripts.run_many(client, calls)
         if type(op) is Cmd:
             return getattr(client, op.name)(*op.args)
         if type(op) is CmdMany:
             pipe = client.pipeline(transaction=False)
-            for name, args in op.cmds:
-                getattr(pipe, name)(*args)
-            return pipe.execute(raise_on_error=op.raise_on_error)
-        if type(op) is Invoke:
-            return self._invoke(op)
+            for name, cmd_args in op.cmds:
+                getattr(pipe, name)(*cmd_args)
+            return pipe.execute()
         raise TypeError(f"unknown operation {op!r}")
+
+    def _log_late(self, late: list[Late]) -> None:
+        """Replies of reports sent without waiting: logged (events, errors), never raised."""
+        for item in late:
+            provider, call = item.tag
+            if not isinstance(call, Report):
+                continue
+            if item.error is not None:
+                self._log.warning(
+                    "report_unconfirmed",
+                    provider=provider,
+                    key_id=call.key_id,
+                    outcome=call.outcome,
+                    error=type(item.error).__name__,
+                )
+            elif item.reply is not None:
+                self._log_report(
+                    provider, call.key_id, call.outcome, None, parse_report(item.reply)
+                )
 
     def _invoke(self, op: Invoke) -> tuple[bool, Any]:
         lease = Lease(self, op.picked)
@@ -164,13 +126,7 @@ class KeyPool(PoolCore):
         return True, result
 
     def _drive(self, flow: Flow) -> Any:
-        try:
-            return self._run_flow(flow)
-        finally:
-            if getattr(self._local, "settled", None):
-                self._hand_on()
-
-    def _run_flow(self, flow: Flow, reply: Any = None) -> Any:
+        reply: Any = None
         try:
             while True:
                 op = flow.send(reply)
@@ -183,95 +139,6 @@ class KeyPool(PoolCore):
                     raise translated from None
         except StopIteration as stop:
             return stop.value
-
-    def _report_lease(
-        self,
-        picked: Picked,
-        outcome: str,
-        tokens: int | None = None,
-        latency: float | None = None,
-    ) -> None:
-        """A lease's success or release: the report is sent without waiting for its reply,
-        which is read with this thread's next call (and only then, when it says more than
-        OK, handed on: a key removed meanwhile, an event to log)."""
-        lane = self._lane()
-        if lane is None:
-            self._drive(self._lease_report_flow(picked, outcome, tokens, latency))
-            return
-        provider, key_id = picked.provider, picked.key_id
-        args = self._mark_args(key_id, picked.lease_id, outcome, picked.tokens, tokens, latency)
-        space = self._space(provider)
-
-        def then(reply: Any, error: BaseException | None) -> None:
-            if error is not None:
-                self._log.warning(
-                    "report_unconfirmed",
-                    provider=provider,
-                    key_id=key_id,
-                    outcome=outcome,
-                    error=type(error).__name__,
-                )
-            elif reply[0] != "OK" or reply[1]:
-                self._run_flow(
-                    self._marked_flow(provider, key_id, outcome, picked.lease_id, None, args, reply)
-                )
-
-        call = Unconfirmed(scripts.REPORT, space.keys, [space.prefix, *args], then)
-        try:
-            settled = lane.send_unconfirmed(call)
-        except Exception as exc:
-            translated = self._translate(exc)
-            if translated is exc:
-                raise
-            raise translated from None
-        if settled:
-            self._local.settled.extend(settled)
-            self._hand_on()
-
-    def _hand_on(self) -> None:
-        """Hand the replies of earlier unconfirmed reports on to their flows (logging, a key
-        removed meanwhile); a report's trouble is logged, never raised into another call."""
-        local = self._local
-        if getattr(local, "handing_on", False):
-            return  # the outer loop takes what is added meanwhile
-        local.handing_on = True
-        try:
-            while local.settled:
-                call, reply, error = local.settled.pop(0)
-                try:
-                    call.then(reply, error)
-                except Exception as exc:
-                    self._log.warning("report_unconfirmed", error=type(exc).__name__)
-        finally:
-            local.handing_on = False
-
-    def _close_lanes(self) -> None:
-        """Settle and close every thread's lane; the settled reports are handed on here."""
-        settled: list[Any] = []
-        for lane in list(self._lanes):
-            try:
-                settled += lane.close()
-            except Exception:  # closing: a broken connection is no news
-                continue
-        self._lanes.clear()
-        for finalizer in self._finalizers:
-            finalizer.detach()
-        self._finalizers.clear()
-        if settled:
-            if not hasattr(self._local, "settled"):
-                self._local.settled = []
-            self._local.settled.extend(settled)
-            self._hand_on()
-
-    def _log_unconfirmed(self, settled: list[Any]) -> None:
-        for call, _reply, error in settled:
-            if error is not None:
-                self._log.warning(
-                    "report_unconfirmed",
-                    key_id=call.args[1],
-                    outcome=call.args[3],
-                    error=type(error).__name__,
-                )
 
     # ------------------------------------------------------------------ construction
 
@@ -300,8 +167,14 @@ class KeyPool(PoolCore):
     def close(self) -> None:
         """Read the replies of reports still unread, then close the connections to the
         store."""
-        self._close_lanes()
+        if self._lanes is not None:
+            self._lanes.close()
         self._client.close()
+
+    def server_time(self) -> float:
+        """The store's clock (``TIME``), epoch seconds: the time every decision uses."""
+        result: float = self._drive(self._server_time_flow())
+        return result
 
     def __enter__(self) -> KeyPool:
         return self
@@ -407,6 +280,8 @@ class KeyPool(PoolCore):
         strategy: str | None = None,
         tokens: int = 0,
         wait: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> Lease:
         """Lease an available key: counts the request, reserves ``tokens`` on its budget and
         holds an in-flight lease until you report (or the lease TTL passes).
@@ -415,8 +290,32 @@ class KeyPool(PoolCore):
         :class:`NoKeyAvailable` (with ``retry_after``) when no key can serve now; with
         ``wait=seconds`` it first sleeps until a key frees up, if that is soon enough.
         """
-        picked = self._drive(self._acquire_flow(provider, model, strategy, tokens, wait, True))
+        picked = self._drive(
+            self._acquire_flow(
+                provider,
+                model,
+                strategy,
+                tokens,
+                wait,
+                True,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+            )
+        )
         return Lease(self, picked)
+
+    def next_key(
+        self,
+        provider: object | None = None,
+        *,
+        model: str | None = None,
+        strategy: str | None = None,
+    ) -> tuple[str, str]:
+        """Pick a key and count one request, holding no lease (for callers that report
+        with :meth:`mark_success` / :meth:`mark_failure`). Returns ``(key_id, secret)``;
+        :class:`NoKeyAvailable` when none can serve now."""
+        picked = self._drive(self._acquire_flow(provider, model, strategy, 0, None, False))
+        return picked.key_id, picked.secret
 
     def mark_success(
         self,

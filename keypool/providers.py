@@ -63,10 +63,12 @@ _checked: set[str] = set()  # provider names already found valid (checked once e
 def validate_key_id(key_id: object) -> str:
     """Return ``key_id`` if it is a valid key id, else raise ``ValueError``/``TypeError``."""
     if not isinstance(key_id, str):
-        raise TypeError(f"invalid key_id {key_id!r}: expected a str, not {type(key_id).__name__}")
+        raise TypeError(
+            f"invalid key_id {_typed(key_id)}: expected a str, not {type(key_id).__name__}"
+        )
     if not KEY_ID_RE.fullmatch(key_id):
         raise ValueError(
-            f"invalid key_id {key_id!r}: expected 1-64 characters matching "
+            f"invalid key_id {shown(key_id)}: expected 1-64 characters matching "
             r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
         )
     return key_id
@@ -75,10 +77,36 @@ def validate_key_id(key_id: object) -> str:
 def validate_model(model: object) -> str:
     """Return ``model`` if it is a valid model name, else raise ``ValueError``/``TypeError``."""
     if not isinstance(model, str):
-        raise TypeError(f"invalid model {model!r}: expected a str, not {type(model).__name__}")
-    if not model or len(model) > MODEL_MAX_LEN:
-        shown = model if len(model) <= 80 else model[:77] + "..."
+        raise TypeError(
+            f"invalid model {_typed(model)}: expected a str, not {type(model).__name__}"
+        )
+    if not model or len(model) > MODEL_MAX_LEN or not _encodable(model):
         raise ValueError(
-            f"invalid model {shown!r}: expected a non-empty string of at most 256 characters"
+            f"invalid model {shown(model)}: expected a non-empty string of at most 256 "
+            "characters, valid UTF-8"
         )
     return model
+
+
+def _typed(value: object) -> str:
+    # bytes may hold a secret passed by mistake: never shown
+    return "of type bytes" if isinstance(value, bytes | bytearray) else repr(value)[:40]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def shown(value: str) -> str:
+    """A bad value as an error message may show it: short ones whole (key-shaped parts
+    masked), long ones cut, so a secret passed by mistake is never echoed whole."""
+    from .log import redact
+
+    text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(value) <= 24:
+        return repr(redact(text))
+    return f"{redact(text[:6])!r}... ({len(value)} characters)"

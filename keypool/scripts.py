@@ -16,13 +16,14 @@ each other's code.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 __all__ = [
     "ACQUIRE",
@@ -34,7 +35,11 @@ __all__ = [
     "Script",
     "library_name",
     "library_source",
+    "refused",
+    "run_many",
+    "run_many_async",
     "script_source",
+    "with_reload",
 ]
 
 _NAMES = ("acquire", "report", "register", "admin", "stats")
@@ -101,6 +106,55 @@ def _function_name(name: str) -> str:
     return f"keypool_{_version()}_{name}"
 
 
+T = TypeVar("T")
+
+# Times a call loads the script again after NOSCRIPT before giving up: the cache can be
+# flushed again between the load and the call (SCRIPT FLUSH on every node of a cluster,
+# a second restart), and that must not reach the caller.
+RELOADS = 3
+
+
+def refused(exc: BaseException, functions: bool = False) -> bool:
+    """Whether the server refused a call without running it, for want of the code: a
+    flushed script cache; with ``functions``, no function library loaded, or none to be
+    had (Redis 6, an ACL without FCALL)."""
+    if isinstance(exc, NoScriptError):
+        return True
+    if not functions or not isinstance(exc, ResponseError):
+        return False
+    text = str(exc).lower()
+    return (
+        "function not found" in text
+        or "unknown command" in text
+        or (isinstance(exc, NoPermissionError) and "'fcall'" in text)
+    )
+
+
+def with_reload(call: Callable[[], T], load: Callable[[], object], functions: bool = False) -> T:
+    """The one reload rule: run ``call``; when the server refused it for want of the code,
+    ``load`` it and call again, up to RELOADS times."""
+    for _attempt in range(RELOADS):
+        try:
+            return call()
+        except ResponseError as exc:
+            if not refused(exc, functions):
+                raise
+            load()
+    return call()
+
+
+async def with_reload_async(
+    call: Callable[[], Awaitable[T]], load: Callable[[], Awaitable[object]]
+) -> T:
+    """:func:`with_reload` on an asyncio client (scripts only)."""
+    for _attempt in range(RELOADS):
+        try:
+            return await call()
+        except NoScriptError:
+            await load()
+    return await call()
+
+
 @dataclass(frozen=True, slots=True)
 class Script:
     """One named script; ``sha`` is what EVALSHA is called with, ``function`` what FCALL
@@ -122,27 +176,75 @@ class Script:
 
     def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
         """Run the script: one round trip, plus one SCRIPT LOAD if the server lost it."""
-        for _attempt in range(RELOADS):
-            try:
-                return client.evalsha(self.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                client.script_load(self.source)
-        return client.evalsha(self.sha, len(keys), *keys, *args)
+        return with_reload(
+            lambda: client.evalsha(self.sha, len(keys), *keys, *args),
+            lambda: client.script_load(self.source),
+        )
 
     async def call_async(self, client: Any, keys: list[str], args: list[Any]) -> Any:
         """The same, on a ``redis.asyncio`` client."""
-        for _attempt in range(RELOADS):
-            try:
-                return await client.evalsha(self.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                await client.script_load(self.source)
-        return await client.evalsha(self.sha, len(keys), *keys, *args)
+        return await with_reload_async(
+            lambda: client.evalsha(self.sha, len(keys), *keys, *args),
+            lambda: client.script_load(self.source),
+        )
 
 
-# Times a call loads the script again after NOSCRIPT before giving up: the cache can be
-# flushed again between the load and the call (SCRIPT FLUSH on every node of a cluster,
-# a second restart), and that must not reach the caller.
-RELOADS = 3
+Call = tuple["Script", list[str], list[Any]]
+
+
+def _queue(pipe: Any, calls: list[Call], todo: list[int]) -> None:
+    for i in todo:
+        script, keys, args = calls[i]
+        # execute_command, not pipe.evalsha: cluster pipelines refuse evalsha, while an
+        # EVALSHA command is routed by its keys like any other
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _unanswered(replies: list[Any], todo: list[int]) -> list[int]:
+    return [i for i in todo if isinstance(replies[i], NoScriptError)]
+
+
+def run_many(client: Any, calls: list[Call]) -> list[Any]:
+    """Every call in one pipeline (not a transaction; on a cluster each goes to the node
+    of its keys' slot). Calls refused for want of their script are sent again after a
+    load, up to RELOADS times; any other error is raised."""
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _attempt in range(RELOADS + 1):
+        pipe = client.pipeline(transaction=False)
+        _queue(pipe, calls, todo)
+        for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+            replies[i] = reply
+        todo = _unanswered(replies, todo)
+        if not todo:
+            break
+        for script in {calls[i][0] for i in todo}:
+            client.script_load(script.source)  # on a cluster: on every primary
+    return _raise_first(replies)
+
+
+async def run_many_async(client: Any, calls: list[Call]) -> list[Any]:
+    """:func:`run_many` on an asyncio client."""
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for _attempt in range(RELOADS + 1):
+        pipe = client.pipeline(transaction=False)
+        _queue(pipe, calls, todo)
+        for i, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+            replies[i] = reply
+        todo = _unanswered(replies, todo)
+        if not todo:
+            break
+        for script in {calls[i][0] for i in todo}:
+            await client.script_load(script.source)
+    return _raise_first(replies)
+
+
+def _raise_first(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 @cache

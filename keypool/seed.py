@@ -50,12 +50,9 @@ class EnhancedAPIKeyManager:
         self, provider: object | None, model: str | None, strategy: str
     ) -> tuple[str | None, str | None]:
         try:
-            picked = self.pool._drive(
-                self.pool._acquire_flow(provider, model, strategy, 0, None, False)
-            )
+            return self.pool.next_key(provider, model=model, strategy=strategy)
         except NoKeyAvailable:
             return None, None
-        return picked.key_id, picked.secret
 
     def get_next_key(self, provider: object) -> tuple[str | None, str | None]:
         """The next key in the shared round-robin: ``(key_id, api_key)``."""

@@ -52,6 +52,17 @@ class KeyPoolSettings(BaseSettings):
     circuit_max_cooldown: float = Field(
         default=300.0, gt=0, description="cap of the circuit-open backoff, seconds"
     )
+    max_cooldown: float = Field(
+        default=86_400.0,
+        gt=0,
+        le=366 * 86_400,
+        description="cap of any cooldown a provider's hint or a caller's retry_after asks for",
+    )
+    restart_budgets: Literal["spent", "full"] = Field(
+        default="spent",
+        description="keys put back after the store lost the pool's state start with their "
+        "budgets spent (the budget bound holds across the loss) or full (more throughput)",
+    )
     socket_timeout: float = Field(default=5.0, gt=0, description="Redis socket timeout, seconds")
     connect_timeout: float = Field(default=2.0, gt=0, description="Redis connect timeout, seconds")
     secret_key: SecretStr | None = Field(

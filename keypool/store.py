@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,15 @@ from redis.retry import Retry
 
 from .errors import ConfigError
 
-__all__ = ["LazyClient", "StoreSpec", "open_store", "open_store_async", "parse_url", "redact_url"]
+__all__ = [
+    "LazyClient",
+    "StoreSpec",
+    "is_embedded",
+    "open_store",
+    "open_store_async",
+    "parse_url",
+    "redact_url",
+]
 
 _SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 _memory_servers: dict[str, Any] = {}
@@ -176,7 +185,17 @@ def _memory_server(name: str) -> Any:
 def _memory_client(name: str) -> Any:
     import fakeredis
 
-    return fakeredis.FakeRedis(server=_memory_server(name), decode_responses=True)
+    client = fakeredis.FakeRedis(server=_memory_server(name), decode_responses=True)
+    _embedded.add(client)
+    return client
+
+
+_embedded: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def is_embedded(client: Any) -> bool:
+    """Whether ``client`` is one of the embedded store's (``memory://``)."""
+    return client in _embedded
 
 
 def open_store(url: str, *, socket_timeout: float, connect_timeout: float) -> Any:

@@ -1,88 +1,104 @@
 -- acquire: pick an available key, count the request, charge its budgets, open a lease.
+-- Takes effect once per call id: repeated with the same id (a call retried after its
+-- connection dropped), it answers with the key the first run picked and changes nothing.
 --
--- KEYS[1..9]  the provider's keys (see lib.lua)
--- ARGV[1]  key prefix "<ns>:{<provider>}:"
--- ARGV[2]  strategy: round_robin | weighted | best | least_busy | latency
--- ARGV[3]  tokens: estimated tokens to reserve on the key's tpm budget (>= 0)
--- ARGV[4]  lease ttl, ms; 0 = count the request but hold no lease
--- ARGV[5]  lease id (unique per acquire; ignored when ARGV[4] is 0)
--- ARGV[6]  model, '' for any key of the provider; a model with assigned keys is
---          served only by them
--- ARGV[7]  key id to avoid while another key is available ('' for none)
--- ARGV[8]  the pool epoch this process registered its keys under ('' to skip the check)
--- ARGV[9]  '1' when only the model's keys may serve even if it has none here (the provider
---          was found through the model), '' otherwise
--- ARGV[10] key ids this process cannot use (no secret for them here), space-separated
+-- KEYS[1]  "<prefix>meta" (see lib.lua)
+-- ARGV[1]  prefix "<ns>:{<provider>}:"
+-- ARGV[2]  call id: the lease id (unique per acquire)
+-- ARGV[3]  strategy: round_robin | weighted | best | least_busy | latency
+-- ARGV[4]  tokens: estimated tokens in all (>= 0), charged to tpm/tpd
+-- ARGV[5]  input tokens estimated (>= 0), charged to itpm (and to tpm/tpd)
+-- ARGV[6]  output tokens estimated (>= 0), charged to otpm (and to tpm/tpd)
+-- ARGV[7]  lease ttl, ms; 0 = count the request but hold no lease
+-- ARGV[8]  model, '' for any key of the provider; a model with assigned keys is served
+--          only by them
+-- ARGV[9]  key id to avoid while another key is available ('' for none)
+-- ARGV[10] the pool epoch this process registered its keys under ('' to skip the check)
+-- ARGV[11] '1' when only the model's keys may serve even if it has none here (the
+--          provider was found through the model), '' otherwise
+-- ARGV[12] key ids this process cannot use (no secret for them here), space-separated
 --
 -- Reply:
 --   {'OK', key_id, fingerprint, sealed_secret_or_empty, now_ms}
 --   {'NONE', retry_after_ms (-1 = no key ever will), why}
---   {'LOST', current_epoch_or_empty}      the pool's state is gone or was re-created:
---                                         re-register and call again
+--   {'LOST', current_epoch_or_empty}   the pool's state is gone or was re-created:
+--                                      re-register and call again (with the same id)
 
-local strategy = ARGV[2]
-local tokens = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local lease_id = ARGV[5]
-local model = ARGV[6]
-local avoid = ARGV[7]
-local want_epoch = ARGV[8]
-local model_only = ARGV[9] == '1'
+local call_id = ARGV[2]
+local strategy = ARGV[3]
+local tokens, inp, out = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ttl = tonumber(ARGV[7])
+local model = ARGV[8]
+local avoid = ARGV[9]
+local want_epoch = ARGV[10]
+local model_only = ARGV[11] == '1'
 local unusable = {}
-for id in string.gmatch(ARGV[10] or '', '%S+') do unusable[id] = true end
+for id in string.gmatch(ARGV[12] or '', '%S+') do unusable[id] = true end
 
 local zi = STRATEGY_INDEX[strategy]
 if not zi then return redis.error_reply('ERR keypool: unknown strategy ' .. strategy) end
+if not tokens or not inp or not out or not ttl then
+  return redis.error_reply('ERR keypool: acquire needs numbers for tokens and ttl')
+end
 if want_epoch ~= '' and EPOCH ~= want_epoch then return { 'LOST', EPOCH or '' } end
 
 local now = now_ms()
+
+-- A repeat of a call that already ran: the same answer, nothing charged again.
+local seen = redis.call('HGET', K_LEASE, call_id)
+if seen then
+  local r = parse_record(seen)
+  local s = r and load(r.key_id)
+  if s then return { 'OK', s.id, s.fp, s.sealed, now } end
+end
+
 housekeeping(now)
 ensure_strategy(zi)
 local zset = STRATEGY_ZSETS[zi]
+local cost = { req = 1, tok = math.max(tokens, inp + out), inp = inp, out = out }
 
 local earliest = NEVER   -- earliest time a skipped key could take this request
 local why_none = 'no_keys'
 
 -- Can the key take this request now? Parks keys that cannot take any request.
 local function admits(s)
-  local rpm_at = budget_at(s.rpm, MINUTE, s.t_rpm, 1)
-  local rpd_at = budget_at(s.rpd, DAY, s.t_rpd, 1)
-  local tpm_at = budget_at(s.tpm, MINUTE, s.t_tpm, tokens)
-  local at = math.max(rpm_at, rpd_at, tpm_at)
+  local at, why = budgets_at(s, cost, now)
   if at <= now then return true end
-  if rpm_at > now or rpd_at > now or budget_at(s.tpm, MINUTE, s.t_tpm, 0) > now then
-    replace(s, now)   -- spent for every request: out of the rotation until it refills
+  if budgets_at(s, ONE_REQUEST, now) > now then
+    replace(s, {}, now)   -- spent for every request: out of the rotation until it refills
   end
   if at < earliest then earliest = at end
-  why_none = 'budget'
+  why_none = why
   return false
 end
 
 local function take(s)
-  s.t_rpm = budget_charge(s.rpm, MINUTE, s.t_rpm, 1, now)
-  s.t_rpd = budget_charge(s.rpd, DAY, s.t_rpd, 1, now)
-  s.t_tpm = budget_charge(s.tpm, MINUTE, s.t_tpm, tokens, now)
+  local w = {}
+  budgets_charge(s, w, cost, now)
   -- Round-robin is least-recently-served order: exact rotation, ties impossible because
   -- each script runs at its own TIME.
-  s.pass = math.max(NOW_US - EPOCH_US, s.pass + 1)
-  s.wpass = s.wpass + 1 / math.max(s.weight, 1e-6)
-  s.total = s.total + 1
-  s.last_used = math.floor(now)
+  set(s, w, 'pass', math.max(NOW_US - EPOCH_US, s.pass + 1))
+  set(s, w, 'wpass', s.wpass + 1 / math.max(s.weight, 1e-6))
+  set(s, w, 'total', s.total + 1)
+  set(s, w, 'last_used', now)
+  local rec = record(s.id, cost.tok, inp, out, ttl, model)
   if ttl > 0 then
-    local expiry = math.floor(now) + ttl
-    redis.call('ZADD', K_LEASES, expiry, s.id .. '/' .. lease_id)
-    if s.maxc > 0 then redis.call('ZADD', key_leases(s.id), expiry, lease_id) end
+    local expiry = now + ttl
+    redis.call('ZADD', K_LEASES, expiry, call_id)
+    redis.call('HSET', K_LEASE, call_id, rec)
+    if s.maxc > 0 then redis.call('ZADD', key_leases(s.id), expiry, call_id) end
     note_due(expiry)
-    s.inflight = s.inflight + 1
+    set(s, w, 'inflight', s.inflight + 1)
+  else
+    keep_record(call_id, rec, now + KEEP_RECORD_MS)
   end
   if s.circ == 'open' or s.circ == 'half' then
     -- The circuit's cooldown is over: this request is its one probe.
-    s.circ = 'half'
-    s.probe_until = now + (ttl > 0 and ttl or 60000)
+    set(s, w, 'circ', 'half')
+    set(s, w, 'probe_until', now + (ttl > 0 and ttl or 60000))
   end
-  place(s, now, {}, 'all')   -- what it changes is in s, all of it packed
-  save(s)
-  return { 'OK', s.id, s.fp, s.sealed, math.floor(now) }
+  replace(s, w, now)
+  return { 'OK', s.id, s.fp, s.sealed, now }
 end
 
 local fallback = nil   -- the avoided key, when it is the only one that could serve
@@ -111,14 +127,14 @@ local function none()
 end
 
 -- The earliest moment a waiting key could take this request (exact for its size).
--- (The wait score is that moment rounded up to the ms; the state gives it exactly.)
 local function consider_waiting(id, wait_score)
   if unusable[id] then return end
   local s = load(id)
   if not s then return end
   local at, why = available_at(s, now)
   if at == 0 then at = wait_score end
-  at = math.max(at, budget_at(s.tpm, MINUTE, s.t_tpm, tokens))
+  local b = budgets_at(s, cost, now)
+  if b > at then at = b end
   if at < earliest then
     earliest = at
     why_none = (why ~= '' and why) or 'cooling'
@@ -152,10 +168,12 @@ if model ~= '' then
   end
 end
 
--- The whole provider: walk the strategy's order; parked keys leave it, so this is short.
-local start, scanned = 0, 0
-while scanned < 512 do
-  local batch = redis.call('ZRANGE', zset, start, start + 3)
+-- The whole provider: walk the strategy's order to its end if need be (keys that cannot
+-- take any request leave it as they are met, so only keys too short for this request's
+-- size are walked past).
+local start = 0
+while true do
+  local batch = redis.call('ZRANGE', zset, start, start + 7)
   if #batch == 0 then break end
   local parked = 0
   for i = 1, #batch do
@@ -163,7 +181,6 @@ while scanned < 512 do
     if s then return take(s) end
     if not redis.call('ZSCORE', zset, batch[i]) then parked = parked + 1 end
   end
-  scanned = scanned + #batch
   -- keys parked by `admits` left the set: continue from where the survivors end
   start = start + #batch - parked
 end

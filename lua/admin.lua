@@ -1,13 +1,16 @@
--- admin: operator actions on one key.
+-- admin: operator actions on one key. Each is idempotent: repeated, it leaves the key as
+-- the first run did (renew extends the lease to ttl from the latest run).
 --
--- KEYS[1..9]  the provider's keys (see lib.lua)
--- ARGV[1]   key prefix "<ns>:{<provider>}:"
+-- KEYS[1]   "<prefix>meta" (see lib.lua)
+-- ARGV[1]   prefix "<ns>:{<provider>}:"
 -- ARGV[2]   key id
 -- ARGV[3]   action:
 --             disable   ARGV[4] = reason              the key serves nothing until enabled
 --             enable                                  undo a disable (manual or auth)
 --             reset                                   clear cooldown, circuit, error counts,
---                                                     budgets and usage; keeps enabled/disabled
+--                                                     budgets and usage; keeps enabled/
+--                                                     disabled; in-flight recounted from
+--                                                     the open leases
 --             remove                                  forget the key, its leases and models
 --             assign    ARGV[4] = model               the model is served by this key
 --             unassign  ARGV[4] = model               it no longer is
@@ -22,34 +25,56 @@ local s = load(id)
 if not s then return { 'UNKNOWN' } end
 local now = now_ms()
 local changed = 1
+local w = {}
+
+-- The key's open lease ids (from the lease records).
+local function open_leases()
+  local mine, prefix = {}, id .. '\n'
+  local open = redis.call('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
+  for i = 1, #open, 2 do
+    local r = redis.call('HGET', K_LEASE, open[i])
+    if r and string.sub(r, 1, #prefix) == prefix then mine[#mine + 1] = { open[i], open[i + 1] } end
+  end
+  return mine
+end
 
 if action == 'disable' then
-  if s.en == '0' then changed = 0 end
-  flush(s, { 'en', '0', 'disabled_reason', (arg ~= '' and arg) or 'manual' })
+  if s.en == 0 then changed = 0 end
+  set(s, w, 'en', 0)
+  set(s, w, 'disabled_reason', (arg ~= '' and arg) or 'manual')
 elseif action == 'enable' then
-  if s.en ~= '0' then changed = 0 end
-  flush(s, { 'en', '1' })
+  if s.en ~= 0 then changed = 0 end
+  set(s, w, 'en', 1)
   redis.call('HDEL', h, 'disabled_reason')
 elseif action == 'reset' then
   local kinds = { 'rate_limit', 'quota', 'auth', 'server', 'timeout', 'connection',
     'bad_request', 'other' }
   for i = 1, #kinds do redis.call('HDEL', h, 'e:' .. kinds[i]) end
   redis.call('HDEL', h, 'why', 'last_error', 'last_error_at')
-  local zero = { 'until', 't_rpm', 't_tpm', 't_rpd', 'lat', 'lat_n', 'rl_strikes', 'opens',
-    'probe_until', 'last_ok', 'total', 'ok', 'err', 'consec', 'tokens' }
-  local changes = { 'circ', '' }
-  for i = 1, #zero do changes[#changes + 1] = zero[i]; changes[#changes + 1] = 0 end
-  flush(s, changes)
+  s.why = ''
+  local zero = { 'until', 't_rpm', 't_tpm', 't_rpd', 't_tpd', 't_itpm', 't_otpm', 'lat',
+    'lat_n', 'rl_strikes', 'opens', 'probe_until', 'last_ok', 'total', 'ok', 'err', 'consec',
+    'tokens', 'tokens_in', 'tokens_out' }
+  set(s, w, 'circ', '')
+  for i = 1, #zero do set(s, w, zero[i], 0) end
+  -- in-flight is what the open leases say (whatever an earlier version left)
+  local mine = open_leases()
+  set(s, w, 'inflight', #mine)
+  redis.call('DEL', key_leases(id))
+  if s.maxc > 0 then
+    for i = 1, #mine do redis.call('ZADD', key_leases(id), mine[i][2], mine[i][1]) end
+  end
 elseif action == 'remove' then
   for i = 1, 5 do redis.call('ZREM', STRATEGY_ZSETS[i], id) end
   redis.call('ZREM', K_WAIT, id)
   redis.call('SREM', K_ALL, id)
-  local mine = id .. '/'
-  local leases = redis.call('ZRANGE', K_LEASES, 0, -1)
-  for i = 1, #leases do
-    if string.sub(leases[i], 1, #mine) == mine then redis.call('ZREM', K_LEASES, leases[i]) end
+  if redis.call('HGET', K_FPS, s.fp) == id then redis.call('HDEL', K_FPS, s.fp) end
+  local mine = open_leases()
+  for i = 1, #mine do
+    redis.call('ZREM', K_LEASES, mine[i][1])
+    redis.call('HDEL', K_LEASE, mine[i][1])
   end
-  local models = cjson.decode(redis.call('HGET', h, 'models') or '[]')
+  local models = cjson.decode(s.models or '[]')
   local emptied = {}
   for i = 1, #models do
     redis.call('SREM', model_set(models[i]), id)
@@ -58,7 +83,7 @@ elseif action == 'remove' then
   redis.call('DEL', h, key_leases(id))
   return { 'OK', 1, emptied }
 elseif action == 'assign' or action == 'unassign' then
-  local models = cjson.decode(redis.call('HGET', h, 'models') or '[]')
+  local models = cjson.decode(s.models or '[]')
   local kept, found = {}, false
   for i = 1, #models do
     if models[i] == arg then found = true end
@@ -81,15 +106,14 @@ elseif action == 'assign' or action == 'unassign' then
   if redis.call('EXISTS', model_set(arg)) == 0 then emptied[1] = arg end
   return { 'OK', changed, emptied }
 elseif action == 'renew' then
-  local member = id .. '/' .. arg
-  if not redis.call('ZSCORE', K_LEASES, member) then return { 'OK', 0 } end
-  local expiry = math.floor(now) + tonumber(ARGV[5])
-  redis.call('ZADD', K_LEASES, expiry, member)
+  if not redis.call('ZSCORE', K_LEASES, arg) then return { 'OK', 0 } end
+  local expiry = now + tonumber(ARGV[5])
+  redis.call('ZADD', K_LEASES, expiry, arg)
   if s.maxc > 0 then redis.call('ZADD', key_leases(id), expiry, arg) end
   note_due(expiry)
 else
   return redis.error_reply('ERR keypool: unknown admin action ' .. action)
 end
 
-replace(load(id), now)
+replace(s, w, now)
 return { 'OK', changed }

@@ -1,9 +1,10 @@
 -- register: add a key or update it in place (idempotent upsert). Counters and state of an
 -- existing key are kept; a new secret (another fingerprint) lifts an auth disable and
--- closes the circuit, since those judged the old secret.
+-- closes the circuit, since those judged the old secret. One secret is one key: a secret
+-- another key id of the provider holds is refused, with nothing written.
 --
--- KEYS[1..9]  the provider's keys (see lib.lua)
--- ARGV[1]   key prefix "<ns>:{<provider>}:"
+-- KEYS[1]   "<prefix>meta" (see lib.lua)
+-- ARGV[1]   prefix "<ns>:{<provider>}:"
 -- ARGV[2]   key id
 -- ARGV[3]   fingerprint of the secret
 -- ARGV[4]   weight (> 0)                    ARGV[4..8]: '' = keep the key's current value
@@ -14,23 +15,35 @@
 -- ARGV[9]   sealed secret ('' in the default mode: Redis never holds the secret)
 -- ARGV[10]  epoch to create the pool under when it does not exist yet
 -- ARGV[11]  JSON array of models to assign the key to (may be '[]')
+-- ARGV[12]  '1': a new key starts with its budgets spent (put back after the pool's state
+--           was lost), '' : with its budgets full
 --
--- Reply: {epoch, 'created' | 'updated' | 'rekeyed'}
+-- Reply: {epoch, 'created' | 'updated' | 'rekeyed'} or {'DUP', key_id_holding_the_secret}
 
 local id, fp = ARGV[2], ARGV[3]
 local h = key_hash(id)
-local now = now_ms()
 
+local holder = redis.call('HGET', K_FPS, fp)
+if holder and holder ~= id and redis.call('SISMEMBER', K_ALL, holder) == 1 then
+  return { 'DUP', holder }
+end
+
+local now = now_ms()
 local epoch = EPOCH
 if not epoch then
   epoch = ARGV[10]
-  redis.call('HSET', K_META, 'epoch', epoch, 'created', math.floor(now))
+  EPOCH = epoch
+  redis.call('HSET', K_META, 'epoch', epoch, 'created', now)
 end
 
 local old_fp = redis.call('HGET', h, 'fp')
 local result = 'updated'
 redis.call('SADD', K_ALL, id)
+redis.call('HSET', K_FPS, fp, id)
 redis.call('HSET', h, 'id', id, 'fp', fp)
+if old_fp and old_fp ~= fp and redis.call('HGET', K_FPS, old_fp) == id then
+  redis.call('HDEL', K_FPS, old_fp)
+end
 if ARGV[9] ~= '' then
   redis.call('HSET', h, 'sealed', ARGV[9])
 elseif old_fp ~= fp then
@@ -39,19 +52,20 @@ elseif old_fp ~= fp then
 end
 
 local s = load(id)
-local changes = {}
+local w = {}
 if not old_fp then
   result = 'created'
-  redis.call('HSET', h, 'created', math.floor(now))
+  set(s, w, 'created', now)
   -- pass 0: place() lines it up with the rotation's current round
-  local wpass = min_score(STRATEGY_ZSETS[2]) or 0
-  changes = { 'en', '1', 'pass', 0, 'wpass', wpass, 'loc', '' }
+  set(s, w, 'en', 1); set(s, w, 'pass', 0); set(s, w, 'inflight', 0)
+  set(s, w, 'wpass', min_score(STRATEGY_ZSETS[2]) or 0)
+  s.loc = ''
 elseif old_fp ~= fp then
   result = 'rekeyed'
-  changes = { 'consec', 0, 'circ', '', 'probe_until', 0, 'opens', 0 }
+  set(s, w, 'consec', 0); set(s, w, 'circ', ''); set(s, w, 'probe_until', 0); set(s, w, 'opens', 0)
   local reason = redis.call('HGET', h, 'disabled_reason') or ''
   if string.sub(reason, 1, 4) == 'auth' then
-    changes[#changes + 1] = 'en'; changes[#changes + 1] = '1'
+    set(s, w, 'en', 1)
     redis.call('HDEL', h, 'disabled_reason')
   end
 end
@@ -60,9 +74,9 @@ end
 local names = { 'weight', 'rpm', 'tpm', 'rpd', 'maxc' }
 for i = 1, 5 do
   local v = ARGV[3 + i]
-  if v ~= '' then changes[#changes + 1] = names[i]; changes[#changes + 1] = v end
+  if v ~= '' then set(s, w, names[i], tonumber(v)) end
 end
-flush(s, changes)
+if result == 'created' and ARGV[12] == '1' then budgets_spend_all(s, w, now) end
 
 local models = cjson.decode(ARGV[11])
 if #models > 0 then
@@ -73,8 +87,8 @@ if #models > 0 then
     redis.call('SADD', model_set(models[i]), id)
     if not seen[models[i]] then have[#have + 1] = models[i]; seen[models[i]] = true end
   end
-  redis.call('HSET', h, 'models', cjson.encode(have))
+  set(s, w, 'models', cjson.encode(have))
 end
 
-replace(s, now)
+replace(s, w, now)
 return { epoch, result }

@@ -1,48 +1,69 @@
 -- report: the outcome of a call made with a key; closes its lease (if any).
+-- Takes effect once per call id: a lease report changes the books only when it closes
+-- that lease (or settles the record of one that expired unreported); a report without a
+-- lease is recognised by its own id. A repeat answers {'DONE'} and changes nothing.
 --
--- KEYS[1..9]  the provider's keys (see lib.lua)
--- ARGV[1]   key prefix "<ns>:{<provider>}:"
--- ARGV[2]   key id
--- ARGV[3]   lease id ('' when the request held no lease)
+-- KEYS[1]   "<prefix>meta" (see lib.lua)
+-- ARGV[1]   prefix "<ns>:{<provider>}:"
+-- ARGV[2]   call id: the lease id, or a new id for a report without a lease
+-- ARGV[3]   key id
 -- ARGV[4]   outcome: success | release | rate_limit | quota | auth | server | timeout |
 --           connection | bad_request | other
--- ARGV[5]   tokens reserved at acquire (the estimate)
--- ARGV[6]   tokens actually used ('' = as estimated)
--- ARGV[7]   latency, ms ('' = unknown)
--- ARGV[8]   retry after, ms ('' = none given: the default or the backoff applies)
--- ARGV[9]   detail: short, secret-free description ("HTTP 429", "TimeoutError")
--- ARGV[10]  rate-limit cooldown, ms (first one, without a hint)
--- ARGV[11]  rate-limit cooldown cap, ms
--- ARGV[12]  quota cooldown, ms (when no reset time is given)
--- ARGV[13]  consecutive failures that open the circuit
--- ARGV[14]  first circuit-open cooldown, ms
--- ARGV[15]  circuit-open cooldown cap, ms
+-- ARGV[5]   '1' when ARGV[2] names a lease, '' for a report without one
+-- ARGV[6]   tokens used in all ('' = as estimated)
+-- ARGV[7]   input tokens used ('' = as estimated)
+-- ARGV[8]   output tokens used ('' = as estimated)
+-- ARGV[9]   latency, ms ('' = unknown)
+-- ARGV[10]  retry after, ms ('' = none given: the default or the backoff applies)
+-- ARGV[11]  detail: short, secret-free description ("HTTP 429", "TimeoutError")
+-- ARGV[12]  rate-limit cooldown, ms (first one, without a hint)
+-- ARGV[13]  rate-limit cooldown cap, ms
+-- ARGV[14]  quota cooldown, ms (when no reset time is given)
+-- ARGV[15]  consecutive failures that open the circuit
+-- ARGV[16]  first circuit-open cooldown, ms
+-- ARGV[17]  circuit-open cooldown cap, ms
 --
 -- Reply: {'OK', event, why_unavailable, available_at_ms (0 = now, -1 = never), now_ms}
 --   event: '' | 'cooldown_set' | 'cooldown_extended' | 'key_exhausted' | 'key_disabled' |
 --          'circuit_opened' | 'circuit_closed'
+-- or {'DONE'} when this call was already reported (nothing changed),
 -- or {'UNKNOWN'} when the key is not registered (the caller re-registers it and retries).
 
-local id, lease_id, outcome = ARGV[2], ARGV[3], ARGV[4]
-local est = tonumber(ARGV[5]) or 0
-local actual = tonumber(ARGV[6])
-local latency = tonumber(ARGV[7])
-local retry_ms = tonumber(ARGV[8])
-local detail = ARGV[9]
-local rl_base, rl_cap = tonumber(ARGV[10]), tonumber(ARGV[11])
-local quota_ms, threshold = tonumber(ARGV[12]), tonumber(ARGV[13])
-local cb_base, cb_cap = tonumber(ARGV[14]), tonumber(ARGV[15])
+local call_id, id, outcome = ARGV[2], ARGV[3], ARGV[4]
+local leased = ARGV[5] == '1'
+local actual, actual_in, actual_out = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local latency = tonumber(ARGV[9])
+local retry_ms = tonumber(ARGV[10])
+local detail = ARGV[11]
+local rl_base, rl_cap = tonumber(ARGV[12]), tonumber(ARGV[13])
+local quota_ms, threshold = tonumber(ARGV[14]), tonumber(ARGV[15])
+local cb_base, cb_cap = tonumber(ARGV[16]), tonumber(ARGV[17])
 
+local now = now_ms()
 local s = load(id)
+local seen = redis.call('HGET', K_LEASE, call_id)
 if not s then
-  if lease_id ~= '' then redis.call('ZREM', K_LEASES, id .. '/' .. lease_id) end
+  if leased and seen then
+    close_lease(nil, {}, call_id)
+    redis.call('HDEL', K_LEASE, call_id)
+    redis.call('ZREM', K_DONE, call_id)
+  end
   return { 'UNKNOWN' }
 end
 
-local now = now_ms()
-local fields = {}
-local function set(k, v) fields[#fields + 1] = k; fields[#fields + 1] = v end
-if drop_lease(s, lease_id) then set('inflight', s.inflight) end
+local w = {}
+local est = { tok = 0, inp = 0, out = 0 }
+if leased then
+  local r = seen and parse_record(seen)
+  if not r or r.key_id ~= id then return { 'DONE' } end
+  close_lease(s, w, call_id)   -- false when it expired: counted now, in-flight untouched
+  redis.call('HDEL', K_LEASE, call_id)
+  redis.call('ZREM', K_DONE, call_id)
+  est = { tok = r.tok, inp = r.inp, out = r.out }
+else
+  if seen then return { 'DONE' } end
+  keep_record(call_id, record(id, 0, 0, 0, 0, ''), now + KEEP_RECORD_MS)
+end
 local event = ''
 
 -- Only ever extends a cooldown; returns the event name for the change.
@@ -50,9 +71,8 @@ local function cool(until_ms, why)
   until_ms = math.floor(until_ms)
   if until_ms > s['until'] then
     local was = s['until'] > now
-    s['until'] = until_ms
-    s.why = why
-    set('until', until_ms); set('why', why)
+    set(s, w, 'until', until_ms)
+    set(s, w, 'why', why)
     if was then return 'cooldown_extended' end
     return 'cooldown_set'
   end
@@ -61,47 +81,38 @@ end
 
 if outcome == 'success' or outcome == 'release' then
   if outcome == 'success' then
-    s.ok = s.ok + 1
-    set('ok', s.ok); set('last_ok', math.floor(now))
-    if s.consec ~= 0 then s.consec = 0; set('consec', 0) end
-    if s.rl_strikes ~= 0 then set('rl_strikes', 0) end
+    set(s, w, 'ok', s.ok + 1)
+    set(s, w, 'last_ok', now)
+    if s.consec ~= 0 then set(s, w, 'consec', 0) end
+    if s.rl_strikes ~= 0 then set(s, w, 'rl_strikes', 0) end
     if s.circ ~= '' then
-      s.circ = ''
-      s.opens = 0
-      set('circ', ''); set('probe_until', 0); set('opens', 0)
+      set(s, w, 'circ', ''); set(s, w, 'probe_until', 0); set(s, w, 'opens', 0)
       event = 'circuit_closed'
     end
     if latency then
-      s.lat_n = s.lat_n + 1
-      if s.lat_n == 1 then s.lat = latency else s.lat = s.lat * 0.8 + latency * 0.2 end
-      set('lat_n', s.lat_n); set('lat', s.lat)
+      set(s, w, 'lat_n', s.lat_n + 1)
+      if s.lat_n == 1 then set(s, w, 'lat', latency) else set(s, w, 'lat', s.lat * 0.8 + latency * 0.2) end
     end
   elseif s.circ == 'half' then
     -- a released probe proves nothing: let another probe go
-    s.probe_until = 0; set('probe_until', 0)
+    set(s, w, 'probe_until', 0)
   end
-  local used = actual or est
-  if used > 0 then s.tokens = s.tokens + math.floor(used); set('tokens', s.tokens) end
-  if actual and s.tpm > 0 and actual ~= est then
-    -- reconcile the reservation: charge the overrun, give back what was not used
-    local e = MINUTE / s.tpm
-    if actual > est then
-      s.t_tpm = math.max(s.t_tpm, now) + (actual - est) * e
-    else
-      s.t_tpm = s.t_tpm - (est - actual) * e
-    end
-    set('t_tpm', s.t_tpm)
-  end
+  local used = {
+    tok = actual or ((actual_in or actual_out) and ((actual_in or est.inp) + (actual_out or est.out))) or est.tok,
+    inp = actual_in or est.inp,
+    out = actual_out or est.out,
+  }
+  if used.tok > 0 then set(s, w, 'tokens', s.tokens + math.floor(used.tok)) end
+  if used.inp > 0 then set(s, w, 'tokens_in', s.tokens_in + math.floor(used.inp)) end
+  if used.out > 0 then set(s, w, 'tokens_out', s.tokens_out + math.floor(used.out)) end
+  budgets_settle(s, w, est, used, now)
 else
-  local h = key_hash(id)
-  s.err = s.err + 1
-  set('err', s.err)
-  redis.call('HINCRBY', h, 'e:' .. outcome, 1)
-  set('last_error', outcome .. (detail ~= '' and (' ' .. detail) or ''))
-  set('last_error_at', math.floor(now))
+  set(s, w, 'err', s.err + 1)
+  redis.call('HINCRBY', key_hash(id), 'e:' .. outcome, 1)
+  set(s, w, 'last_error', outcome .. (detail ~= '' and (' ' .. detail) or ''))
+  set(s, w, 'last_error_at', now)
   if outcome == 'rate_limit' then
-    s.rl_strikes = s.rl_strikes + 1
-    set('rl_strikes', s.rl_strikes)
+    set(s, w, 'rl_strikes', s.rl_strikes + 1)
     local dur = retry_ms
     if not dur then dur = math.min(rl_base * 2 ^ (s.rl_strikes - 1), rl_cap) end
     event = cool(now + dur, 'rate_limit')
@@ -109,33 +120,30 @@ else
     event = cool(now + (retry_ms or quota_ms), 'quota')
     if event ~= '' then event = 'key_exhausted' end
   elseif outcome == 'auth' then
-    if s.en ~= '0' then
-      s.en = '0'
-      set('en', '0'); set('disabled_reason', 'auth' .. (detail ~= '' and (': ' .. detail) or ''))
+    if s.en ~= 0 then
+      set(s, w, 'en', 0)
+      set(s, w, 'disabled_reason', 'auth' .. (detail ~= '' and (': ' .. detail) or ''))
       event = 'key_disabled'
     end
   elseif outcome == 'bad_request' then
     -- the request was wrong, not the key
-    if s.circ == 'half' then s.probe_until = 0; set('probe_until', 0) end
+    if s.circ == 'half' then set(s, w, 'probe_until', 0) end
   else
-    s.consec = s.consec + 1
-    set('consec', s.consec)
+    set(s, w, 'consec', s.consec + 1)
     -- server, timeout, connection: the circuit breaker. 'other' (an unclassified error,
     -- often the caller's own bug) is counted and ranks the key lower for `best`, but
     -- does not take the key out of service.
     if outcome ~= 'other' and (s.circ == 'half' or s.circ == 'open' or s.consec >= threshold) then
-      s.opens = s.opens + 1
-      set('opens', s.opens)
+      set(s, w, 'opens', s.opens + 1)
       local dur = math.min(cb_base * 2 ^ (s.opens - 1), cb_cap)
-      s.circ = 'open'; s.probe_until = 0
-      set('circ', 'open'); set('probe_until', 0)
+      set(s, w, 'circ', 'open'); set(s, w, 'probe_until', 0)
       cool(now + dur, 'circuit')
       event = 'circuit_opened'
     end
   end
 end
 
-local at, why = place(s, now, fields, 'stats')
-flush(s, fields)
+local at, why = place(s, w, now, 'stats')
+flush(s, w)
 if at >= NEVER then at = -1 end
-return { 'OK', event, why, math.floor(at), math.floor(now) }
+return { 'OK', event, why, math.floor(at), now }

@@ -1,8 +1,9 @@
 -- stats: read keys' state, with what follows from it now (budgets left, in flight, status).
--- Writes nothing but the housekeeping every script does (expired leases, due keys).
+-- Writes nothing but the housekeeping every script does (expired leases, due keys), and
+-- nothing at all for a provider without a pool.
 --
--- KEYS[1..9]  the provider's keys (see lib.lua)
--- ARGV[1]     key prefix "<ns>:{<provider>}:"
+-- KEYS[1]     "<prefix>meta" (see lib.lua)
+-- ARGV[1]     prefix "<ns>:{<provider>}:"
 -- ARGV[2..n]  key ids; none = every key of the provider
 --
 -- Reply: {now_ms, {key_id, {field, value, ...}, {available_at_ms_or_-1, why, rpm_left,
@@ -20,7 +21,7 @@ else
   table.sort(ids)
 end
 
-local out = { math.floor(now) }
+local out = { now }
 for i = 1, #ids do
   local s = load(ids[i])
   if s then
@@ -29,12 +30,9 @@ for i = 1, #ids do
     local raw = redis.call('HGETALL', key_hash(ids[i]))
     local clean = {}
     for j = 1, #raw, 2 do
-      if raw[j] ~= 'sealed' and raw[j] ~= 'st' then
+      if raw[j] ~= 'sealed' then
         clean[#clean + 1] = raw[j]; clean[#clean + 1] = raw[j + 1]
       end
-    end
-    for j = 1, N_PACKED do
-      clean[#clean + 1] = PACKED[j]; clean[#clean + 1] = tostring(s[PACKED[j]])
     end
     out[#out + 1] = ids[i]
     out[#out + 1] = clean

@@ -14,7 +14,6 @@ import pytest
 import redis
 
 from keypool import KeyPool, KeyPoolSettings, scripts
-from keypool.keyspace import ProviderKeys, decode_state
 from keypool.lane import Lane
 from tests import mp_workers
 from tests.cluster import Server, start_redis
@@ -208,14 +207,14 @@ def test_an_interrupt_while_a_report_is_sent_keeps_later_calls_in_step(
 ) -> None:
     with make_pool(server.url, namespace) as pool:
         pool.acquire(PROVIDER).success()
-        send = Lane._send
+        send = Lane._write
 
         def send_then_interrupt(self: Lane, *args: Any) -> None:
             send(self, *args)
             raise KeyboardInterrupt  # after the bytes left, before the call is recorded
 
         lease = pool.acquire(PROVIDER)
-        monkeypatch.setattr(Lane, "_send", send_then_interrupt)
+        monkeypatch.setattr(Lane, "_write", send_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             lease.success()
         monkeypatch.undo()
@@ -244,32 +243,3 @@ def test_short_lived_threads_do_not_use_up_a_small_connection_pool(
             thread.join()
         assert not errors
         assert totals(pool) == (20, 20, 0)
-
-
-def test_keys_kept_in_the_earlier_layout_keep_their_state(server: Server, namespace: str) -> None:
-    """A key hash written by an earlier keypool (each number in a field of its own) is read
-    as it was, and moved into the packed field by its next write."""
-    with make_pool(server.url, namespace) as pool:
-        pool.add_key(PROVIDER, "k1", mp_workers.secret_for("k1"), rpm=50, max_concurrency=3)
-        for _ in range(3):
-            pool.acquire(PROVIDER).success()
-        pool.disable_key(PROVIDER, "k2", reason="rotating")
-        before = {s.key_id: s for s in pool.snapshot(PROVIDER)}
-        with redis.Redis.from_url(server.url) as raw:
-            for key_id in ("k1", "k2"):
-                name = ProviderKeys(namespace, PROVIDER).key_hash(key_id)
-                state = decode_state(raw.hget(name, "st"))
-                state["pass"] = str(float(state["pass"]) / 1000)  # it counted ms then
-                raw.hdel(name, "st")
-                raw.hset(name, mapping={k: v for k, v in state.items() if v != ""})
-        after = {s.key_id: s for s in pool.snapshot(PROVIDER)}
-        for key_id in ("k1", "k2"):
-            assert after[key_id].as_dict() == before[key_id].as_dict()
-        pool.acquire(PROVIDER).success()  # k2 is disabled: k1 serves, and is rewritten
-        with redis.Redis.from_url(server.url) as raw:
-            fields = set(raw.hkeys(ProviderKeys(namespace, PROVIDER).key_hash("k1")))
-        assert b"st" in fields and b"total" not in fields and b"rpm" not in fields
-        k1 = pool.stats(PROVIDER, "k1")
-        expected = (before["k1"].total_requests + 1, 50, 3)
-        assert (k1.total_requests, k1.rpm, k1.max_concurrency) == expected
-        assert pool.stats(PROVIDER, "k2").status == "disabled"

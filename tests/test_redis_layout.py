@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from redis.crc import key_slot
 
 from keypool import KeyPool, KeyPoolSettings, Provider
-from keypool.keyspace import ProviderKeys, decode_state
+from keypool.keyspace import ProviderKeys
 from tests.conftest import IN_CI
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -118,20 +118,9 @@ class Cli:
         return set(self.lines("--scan", "--pattern", pattern))
 
     def hgetall(self, key: str) -> dict[str, str]:
-        """Every field, the numbers packed in ``st`` by name (as ``decode_state`` shows them
-        to an operator)."""
-        names = [n for n in self.lines("HKEYS", key) if n != "st"]
-        values = self.lines("HMGET", key, *names) if names else []
-        out = dict(zip(names, values, strict=True))
-        if key.rsplit(":", 2)[-2] == "k":
-            raw = redis.Redis.from_url(self.url)
-            try:
-                packed = raw.hget(key, "st")
-            finally:
-                raw.close()
-            assert packed is not None, f"{key} has no packed state"
-            out.update(decode_state(packed))
-        return out
+        """Every field as ``redis-cli HGETALL`` shows it: plain text."""
+        out = self.lines("HGETALL", key)
+        return dict(zip(out[0::2], out[1::2], strict=True))
 
     def zrange(self, key: str) -> dict[str, float]:
         out = self.lines("ZRANGE", key, "0", "-1", "WITHSCORES")
@@ -200,12 +189,12 @@ def test_every_key_is_in_the_readme_table_with_its_type(live: Live) -> None:
         f"{live.ns}:providers",
         f"{live.ns}:model:gpt-4o",
         f"{live.ns}:model:limited-only",
-        *(p + s for s in ("meta", "all", "wait", "leases", "rr")),
+        *(p + s for s in ("meta", "all", "fps", "wait", "leases", "lease", "done", "rr")),
         *(p + "k:" + k for k in ("active-a", "cooling", "off", "limited")),
         p + "kl:limited",
         p + "m:gpt-4o",
         p + "m:limited-only",
-        *(a + s for s in ("meta", "all", "rr", "k:claude-a")),
+        *(a + s for s in ("meta", "all", "fps", "rr", "k:claude-a")),
     }
     assert found == expected, (
         f"unexpected: {sorted(found - expected)}; missing: {sorted(expected - found)}"
@@ -247,8 +236,11 @@ def test_a_disabled_key_is_in_neither_set(live: Live) -> None:
 def test_an_open_lease_is_listed_with_its_expiry(live: Live) -> None:
     now = live.cli.now_ms()
     leases = live.cli.zrange(live.keys.prefix + "leases")
-    member = f"limited/{live.lease_id}"
-    assert set(leases) == {member}, leases  # <key_id>/<lease_id>
+    member = live.lease_id
+    assert set(leases) == {member}, leases
+    record = live.cli.lines("HGET", live.keys.prefix + "lease", member)
+    assert record[0] == "limited", record  # <key_id> \n <tokens> <in> <out> <ttl> \n <model>
+    assert record[1] == f"0 0 0 {int(LEASE_TTL * 1000)}", record
     assert now < leases[member] <= now + LEASE_TTL * 1000
     assert leases[member] >= live.start_ms + LEASE_TTL * 1000 - 1000
     per_key = live.cli.zrange(live.keys.key_leases("limited"))
@@ -344,25 +336,3 @@ def test_one_cluster_slot_per_provider(live: Live) -> None:
         names = [*space.keys, space.key_hash("x"), space.key_leases("x"), space.model_set("m")]
         assert len({key_slot(n.encode()) for n in names}) == 1
         assert {key_slot(n.encode()) for n in names} == {key_slot(f"{{{provider}}}".encode())}
-
-
-def test_the_packed_state_is_named_alike_in_lua_and_python() -> None:
-    """``decode_state`` names the numbers of ``st`` in the order the scripts pack them."""
-    from keypool import scripts
-    from keypool.keyspace import PACKED_FIELDS
-
-    lib = scripts._read("lib")
-    block = re.search(r"local PACKED = \{(.*?)\}", lib, re.S)
-    assert block is not None
-    assert tuple(re.findall(r"'([a-z_]+)'", block.group(1))) == PACKED_FIELDS
-    fmt = re.search(r"local PACKED_FMT = '<(d+)'", lib)
-    assert fmt is not None and len(fmt.group(1)) == len(PACKED_FIELDS)
-    # load() and pack_state() spell the order out too
-    unpacked = re.search(r"local (v_en, .*?) =\s*struct\.unpack", lib, re.S)
-    assert unpacked is not None
-    assert tuple(re.findall(r"v_([a-z_]+)", unpacked.group(1))) == PACKED_FIELDS
-    packed = re.search(r"struct\.pack\(PACKED_FMT,(.*?)\)\n", lib, re.S)
-    assert packed is not None
-    plain = re.sub(r"ENCODE\.\w+\[s\.(\w+)\] or 0", r"s.\1", packed.group(1))
-    names = re.findall(r"\bs(?:\.([a-z_]+)|\['([a-z_]+)'\])", plain)
-    assert tuple(a or b for a, b in names) == PACKED_FIELDS

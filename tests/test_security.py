@@ -360,7 +360,8 @@ def test_no_secret_in_store_logs_errors_or_reprs(
     client = redis.Redis.from_url(store_url) if store_url.startswith("redis:") else pool._client
     for name in list(client.scan_iter(match=f"{namespace}:*")):
         client.delete(name)
-    lease = pool.acquire(OPENAI, model="gpt-4o")
+    # (put back with its budgets spent: the first request waits a moment)
+    lease = pool.acquire(OPENAI, model="gpt-4o", wait=1.0)
     lease.release()
     shown.append(lease)
 

@@ -73,13 +73,13 @@ import httpx
 
 from ..aio import AsyncKeyPool
 from ..classify import Failure, parse_duration, retry_after_from_headers
-from ..core import seconds_arg, tokens_arg
 from ..errors import KeyPoolError, NoKeyAvailable
 from ..kinds import ErrorKind
 from ..lease import Lease
 from ..pool import KeyPool
 from ..providers import normalize_provider, validate_model
 from ..settings import STRATEGIES
+from ..validate import seconds_arg, tokens_arg
 
 __all__ = [
     "ANTHROPIC_VERSION",
