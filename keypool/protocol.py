@@ -239,13 +239,14 @@ class Admin(ScriptCall):
 
     script: ClassVar[scripts.Script] = scripts.ADMIN
 
+    call_id: str
     key_id: str
     action: str  # disable | enable | reset | remove | assign | unassign | renew
     arg: str = ""  # reason, model or lease id
     ttl_ms: int | None = None  # renew only
 
     def argv(self) -> list[Any]:
-        out: list[Any] = [self.key_id, self.action, self.arg]
+        out: list[Any] = [self.call_id, self.key_id, self.action, self.arg]
         if self.ttl_ms is not None:
             out.append(self.ttl_ms)
         return out

@@ -3,27 +3,33 @@
 --
 -- KEYS[1]   "<prefix>meta" (see lib.lua)
 -- ARGV[1]   prefix "<ns>:{<provider>}:"
--- ARGV[2]   key id
--- ARGV[3]   action:
---             disable   ARGV[4] = reason              the key serves nothing until enabled
+-- ARGV[2]   call id (a repeated remove is recognised by it: it answers as the first did)
+-- ARGV[3]   key id
+-- ARGV[4]   action:
+--             disable   ARGV[5] = reason              the key serves nothing until enabled
 --             enable                                  undo a disable (manual or auth)
 --             reset                                   clear cooldown, circuit, error counts,
 --                                                     budgets and usage; keeps enabled/
 --                                                     disabled; in-flight recounted from
 --                                                     the open leases
 --             remove                                  forget the key, its leases and models
---             assign    ARGV[4] = model               the model is served by this key
---             unassign  ARGV[4] = model               it no longer is
---             renew     ARGV[4] = lease id, ARGV[5] = ttl ms   extend an open lease
+--             assign    ARGV[5] = model               the model is served by this key
+--             unassign  ARGV[5] = model               it no longer is
+--             renew     ARGV[5] = lease id, ARGV[6] = ttl ms   extend an open lease
 --
 -- Reply: {'OK', changed (1/0)[, models left with no key of this provider]} or {'UNKNOWN'}
 -- when the key is not registered.
 
-local id, action, arg = ARGV[2], ARGV[3], ARGV[4]
+local call_id, id, action, arg = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local h = key_hash(id)
 local s = load(id)
-if not s then return { 'UNKNOWN' } end
 local now = now_ms()
+if not s then
+  if action == 'remove' and redis.call('HEXISTS', K_LEASE, call_id) == 1 then
+    return { 'OK', 1, {} }   -- this very remove ran already
+  end
+  return { 'UNKNOWN' }
+end
 local changed = 1
 local w = {}
 
@@ -81,6 +87,7 @@ elseif action == 'remove' then
     if redis.call('EXISTS', model_set(models[i])) == 0 then emptied[#emptied + 1] = models[i] end
   end
   redis.call('DEL', h, key_leases(id))
+  keep_record(call_id, record(id, 0, 0, 0, 0, ''), now + KEEP_RECORD_MS)
   return { 'OK', 1, emptied }
 elseif action == 'assign' or action == 'unassign' then
   local models = cjson.decode(s.models or '[]')
@@ -107,7 +114,7 @@ elseif action == 'assign' or action == 'unassign' then
   return { 'OK', changed, emptied }
 elseif action == 'renew' then
   if not redis.call('ZSCORE', K_LEASES, arg) then return { 'OK', 0 } end
-  local expiry = now + tonumber(ARGV[5])
+  local expiry = now + tonumber(ARGV[6])
   redis.call('ZADD', K_LEASES, expiry, arg)
   if s.maxc > 0 then redis.call('ZADD', key_leases(id), expiry, arg) end
   note_due(expiry)

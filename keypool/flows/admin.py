@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UnknownKey
 from ..keyspace import model_providers_key
+from ..local import new_lease_id
 from ..log import redact
 from ..ops import Cmd, CmdMany, Flow, Run
 from ..protocol import Admin, AdminReply, parse_admin
@@ -15,12 +16,14 @@ __all__ = ["AdminFlows"]
 
 class AdminFlows(RegisterFlows):
     def _admin_flow(self, provider: str, key_id: str, action: str, arg: str = "") -> Flow:
-        raw = yield from self._known_flow(provider, key_id, Admin(key_id, action, arg))
+        raw = yield from self._known_flow(
+            provider, key_id, Admin(new_lease_id(), key_id, action, arg)
+        )
         return parse_admin(raw)
 
     def _remove_flow(self, provider: object, key_id: str) -> Flow:
         name, key_id = self._checked_key(provider, key_id)
-        reply = parse_admin((yield Run(name, Admin(key_id, "remove"))))
+        reply = parse_admin((yield Run(name, Admin(new_lease_id(), key_id, "remove"))))
         self._state.drop(name, key_id)
         if not reply.known:
             raise UnknownKey(f"no key {key_id!r} for provider {name!r}")

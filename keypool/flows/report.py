@@ -164,6 +164,6 @@ class ReportFlows(RegisterFlows):
 
         seconds = seconds_arg("ttl", ttl, DAY_SECONDS, positive=True)
         ms = int((seconds if seconds is not None else self.settings.lease_ttl) * 1000)
-        call = Admin(picked.key_id, "renew", picked.lease_id, ms)
+        call = Admin(new_lease_id(), picked.key_id, "renew", picked.lease_id, ms)
         reply = parse_admin((yield Run(picked.provider, call)))
         return reply.known and reply.changed
