@@ -95,7 +95,7 @@ class KeyPool(PoolCore):
         # each call), nor on the embedded store (it answers calls sent ahead out of order)
         self._lanes_possible = isinstance(self._client, redis.Redis) and not type(
             self._client
-        ).__module__.startswith("fakeredis")
+        ).__module__.startswith(("fakeredis", "keypool.embedded"))
         self._local = threading.local()
         self._lanes: weakref.WeakSet[Lane] = weakref.WeakSet()
         self._finalizers: list[weakref.finalize[Any, Any]] = []  # close lanes of ended threads

@@ -163,20 +163,20 @@ class LazyClient:
 
 
 def _memory_server(name: str) -> Any:
-    import fakeredis
+    from .embedded import EmbeddedServer
 
     with _memory_lock:
         server = _memory_servers.get(name)
         if server is None:
-            server = fakeredis.FakeServer()
+            server = EmbeddedServer()
             _memory_servers[name] = server
     return server
 
 
 def _memory_client(name: str) -> Any:
-    import fakeredis
+    from .embedded import client
 
-    return fakeredis.FakeRedis(server=_memory_server(name), decode_responses=True)
+    return client(_memory_server(name), decode_responses=True)
 
 
 def open_store(url: str, *, socket_timeout: float, connect_timeout: float) -> Any:
@@ -236,10 +236,10 @@ def open_store_async(url: str, *, socket_timeout: float, connect_timeout: float)
         "socket_connect_timeout": connect_timeout,
     }
     if spec.kind == "memory":
-        import fakeredis
+        from .embedded import async_client
 
-        return fakeredis.FakeAsyncRedis(
-            server=_memory_server(spec.name), decode_responses=True, max_connections=1_000_000
+        return async_client(
+            _memory_server(spec.name), decode_responses=True, max_connections=1_000_000
         )
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry as AsyncRetry
