@@ -27,11 +27,14 @@ refused), there are no ``struct``, ``bit`` or ``cmsgpack`` libraries, and Redis 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+import struct
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
@@ -60,7 +63,8 @@ _log = logging.getLogger("keypool.embedded")
 # Set up once per runtime. Receives the Python callbacks; returns compile(source) and
 # run(function, sha, numkeys, ...).
 _BOOT = r"""
-local py_call, py_encode, py_decode, py_log, py_sha1, version, version_num = ...
+local py_call, py_encode, py_decode, py_pack, py_unpack, py_size, py_log, py_sha1,
+  version, version_num = ...
 local error, pcall, xpcall, type, tostring, select = error, pcall, xpcall, type, tostring, select
 local rawset, setmetatable, setfenv, loadstring = rawset, setmetatable, setfenv, loadstring
 local getinfo = debug.getinfo
@@ -114,8 +118,25 @@ function cjson.decode(s)
   return v
 end
 
+local struct = {}
+function struct.pack(fmt, ...)
+  local s, err = py_pack(fmt, ...)
+  if err ~= nil then error(err, 2) end
+  return s
+end
+function struct.unpack(fmt, s, pos)
+  local values, err = py_unpack(fmt, s, pos or 1)
+  if err ~= nil then error(err, 2) end
+  return unpack(values, 1, values.n)
+end
+function struct.size(fmt)
+  local n, err = py_size(fmt)
+  if err ~= nil then error(err, 2) end
+  return n
+end
+
 local globals = {
-  redis = frozen(redis), cjson = frozen(cjson),
+  redis = frozen(redis), cjson = frozen(cjson), struct = frozen(struct),
   string = frozen(string), table = frozen(table), math = frozen(math),
   assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs,
   pcall = pcall, xpcall = xpcall, rawequal = rawequal, rawget = rawget, rawset = rawset,
@@ -125,7 +146,7 @@ local globals = {
 }
 -- Redis's own libraries this Lua lacks read as nil (a script can test for them); any other
 -- unknown global is an error, as in Redis.
-local absent = {struct = true, bit = true, cmsgpack = true}
+local absent = {bit = true, cmsgpack = true}
 setmetatable(globals, {__index = function(_, name)
   if absent[name] then return nil end
   error("Script attempted to access nonexistent global variable '" .. tostring(name) .. "'", 2)
@@ -190,6 +211,57 @@ _LLONG_MIN = -(2**63)
 _LOG_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.INFO, 3: logging.WARNING}
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    struct: struct.Struct
+    integers: tuple[bool, ...]  # per value: packed as an integer (Lua passes a number)
+
+
+# Lua struct's codes (as in Redis: C sizes of a 64-bit machine) in Python struct's terms.
+_STRUCT_CODES = {"b": "b", "B": "B", "h": "h", "H": "H", "l": "q", "L": "Q", "T": "Q"}
+_STRUCT_INTS = {1: "b", 2: "h", 4: "i", 8: "q"}
+
+
+@functools.lru_cache(maxsize=256)
+def _struct_layout(fmt: bytes) -> _Layout:
+    """Redis's ``struct`` formats, but for alignment (``!``) and zero-terminated strings
+    (``s``), which raise."""
+    text = fmt.decode("ascii")
+    order, out, integers, i = "<", [], [], 0
+    while i < len(text):
+        code = text[i]
+        i += 1
+        digits = ""
+        while i < len(text) and text[i].isdigit():
+            digits += text[i]
+            i += 1
+        if code in "<>=":
+            order = ">" if code == ">" else "<"
+        elif code == " ":
+            continue
+        elif code in _STRUCT_CODES:
+            out.append(_STRUCT_CODES[code])
+            integers.append(True)
+        elif code in "iI":
+            size = int(digits or 4)
+            if size not in _STRUCT_INTS:
+                raise ValueError(f"integral size {size} is not supported")
+            py = _STRUCT_INTS[size]
+            out.append(py if code == "i" else py.upper())
+            integers.append(True)
+        elif code in "fd":
+            out.append(code)
+            integers.append(False)
+        elif code == "x":
+            out.append("x")
+        elif code == "c" and digits and int(digits) > 0:
+            out.append(f"{digits}s")
+            integers.append(False)
+        else:
+            raise ValueError(f"format option '{code}' is not supported by the embedded store")
+    return _Layout(struct.Struct(order + "".join(out)), tuple(integers))
+
+
 class LuaScripts:
     """One server's Lua runtime and its compiled scripts. Used only under the server's
     lock (every command runs under it), which is what makes a script atomic."""
@@ -209,6 +281,9 @@ class LuaScripts:
             self._call,
             self._encode,
             self._decode,
+            self._pack,
+            self._unpack,
+            self._size,
             self._log,
             self._sha1,
             version.encode(),
@@ -403,6 +478,34 @@ class LuaScripts:
             return self._table({k.encode(): self._from_json(v) for k, v in value.items()})
         return value
 
+    def _pack(self, fmt: Any, *values: Any) -> Any:
+        try:
+            layout = _struct_layout(fmt)
+            converted = [
+                int(v) if integer else v
+                for v, integer in zip(values, layout.integers, strict=False)
+            ]
+            return layout.struct.pack(*converted)
+        except (struct.error, TypeError, ValueError) as exc:
+            return None, f"struct.pack: {exc}".encode()
+
+    def _unpack(self, fmt: Any, data: Any, pos: Any) -> Any:
+        try:
+            layout = _struct_layout(fmt)
+            start = int(pos) - 1
+            values = layout.struct.unpack_from(data, start)
+        except (struct.error, TypeError, ValueError) as exc:
+            return None, f"struct.unpack: {exc}".encode()
+        out = self._table([*values, start + layout.struct.size + 1])
+        out[b"n"] = len(values) + 1
+        return out
+
+    def _size(self, fmt: Any) -> Any:
+        try:
+            return _struct_layout(fmt).struct.size
+        except (struct.error, TypeError, ValueError) as exc:
+            return None, f"struct.size: {exc}".encode()
+
     @staticmethod
     def _log(level: Any, *parts: Any) -> None:
         text = " ".join(p.decode("utf-8", "replace") if type(p) is bytes else str(p) for p in parts)
@@ -488,10 +591,11 @@ class EmbeddedAsyncSocket(_Scripting, AsyncFakeSocket):
 
 class _Connection(FakeRedisConnection):
     def _connect(self) -> EmbeddedSocket:
-        if not self._server.connected:
+        server = self._server
+        if server is None or not server.connected:
             raise self._connection_error_class(msgs.CONNECTION_ERROR_MSG)
         return EmbeddedSocket(
-            self._server,
+            server,
             client_class=self._client_class,
             db=self.db,
             lua_modules=self._lua_modules,
@@ -501,10 +605,11 @@ class _Connection(FakeRedisConnection):
 
 class _AsyncConnection(FakeAsyncRedisConnection):
     async def _connect(self) -> None:
-        if not self._server.connected:
+        server = self._server
+        if server is None or not server.connected:
             raise self._connection_error_class(msgs.CONNECTION_ERROR_MSG)
         self._sock = EmbeddedAsyncSocket(
-            self._server,
+            server,
             self.db,
             client_class=self._client_class,
             lua_modules=self._lua_modules,
@@ -563,7 +668,7 @@ def _decoded(encoder: Any, value: Any) -> Any:
     return value
 
 
-class EmbeddedRedis(fakeredis.FakeRedis):  # type: ignore[misc]
+class EmbeddedRedis(fakeredis.FakeRedis):
     """``fakeredis.FakeRedis`` on an embedded server: scripts run through
     :class:`LuaScripts`, and EVAL/EVALSHA sent by this client (not by its pipelines) skip
     the fake connection."""
@@ -576,10 +681,10 @@ class EmbeddedRedis(fakeredis.FakeRedis):  # type: ignore[misc]
     def execute_command(self, *args: Any, **options: Any) -> Any:
         if args and args[0] in _DIRECT and self.connection is None:
             return self._direct(self.get_encoder(), self.response_callbacks, args)
-        return super().execute_command(*args, **options)
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
-class EmbeddedAsyncRedis(fakeredis.FakeAsyncRedis):  # type: ignore[misc]
+class EmbeddedAsyncRedis(fakeredis.FakeAsyncRedis):
     """The ``fakeredis.FakeAsyncRedis`` twin of :class:`EmbeddedRedis`. A script runs to
     its end under the server's lock, as every command of fakeredis's asyncio client does."""
 
@@ -590,8 +695,8 @@ class EmbeddedAsyncRedis(fakeredis.FakeAsyncRedis):  # type: ignore[misc]
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if args and args[0] in _DIRECT and self.connection is None:
-            return self._direct(self.get_encoder(), self.response_callbacks, args)
-        return await super().execute_command(*args, **options)
+            return self._direct(self.get_encoder(), self.response_callbacks, args)  # type: ignore[no-untyped-call]
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
 def client(server: fakeredis.FakeServer, **kwargs: Any) -> EmbeddedRedis:
