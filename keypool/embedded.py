@@ -21,8 +21,9 @@ fakeredis's own: the clients made here are ``fakeredis.FakeRedis`` and
 ``fakeredis.FakeAsyncRedis`` whose connections are :class:`EmbeddedSocket`. A command, a
 script included, runs under the server's lock, so scripts run one at a time whichever
 thread or event loop sends them. Limits: scripts speak RESP2 only (``redis.setresp(3)`` is
-refused), there are no ``struct``, ``bit`` or ``cmsgpack`` libraries, and Redis functions
-(FUNCTION LOAD, FCALL) are fakeredis's own, compiled once but without the faster path.
+refused); ``struct`` lacks alignment and zero-terminated strings; there is no ``bit`` or
+``cmsgpack``; Redis functions (FUNCTION LOAD, FCALL) are fakeredis's own, compiled once but
+without the faster path.
 """
 
 from __future__ import annotations
