@@ -44,7 +44,7 @@ import redis
 from fakeredis import _msgs as msgs
 from fakeredis._clients._async import FakeAsyncRedisConnection, FakeReader, FakeWriter
 from fakeredis._clients._sync import FakeRedisConnection
-from fakeredis._command_args_parsing import Float
+from fakeredis._command_args_parsing import Float, Int
 from fakeredis._commands import COMMANDS_WITH_SUB
 from fakeredis._helpers import SimpleError, SimpleString
 from fakeredis._socket import AsyncFakeSocket, FakeSocket
@@ -208,7 +208,21 @@ _BAD_ARG = b"ERR Lua redis lib command arguments must be strings or integers"
 _UNKNOWN = b"ERR Unknown Redis command called from script"
 _WRONG_ARITY = b"ERR Wrong number of args calling Redis command from script"
 _NOT_IN_SCRIPT = b"ERR This Redis command is not allowed from script"
+_ARITY_ERRORS = ("ERR wrong number of arguments", "ERR Wrong number of args")
 _LLONG_MIN = -(2**63)
+
+
+def _number_arg(value: Any) -> bytes:
+    """A Lua number as Redis passes it to a command (``%.17g``); anything else but a string
+    is refused."""
+    kind = type(value)
+    if kind is int and -(10**17) < value < 10**17:
+        return b"%d" % value
+    if kind is int or kind is float:
+        return b"%.17g" % value
+    raise TypeError
+
+
 _LOG_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.INFO, 3: logging.WARNING}
 
 
@@ -358,38 +372,26 @@ class LuaScripts:
 
     def _call(self, *args: Any) -> Any:
         """``redis.call``: the command's reply as a Lua value, or ``(nil, error)``."""
-        if not args:
+        try:
+            parts = [a if type(a) is bytes else _number_arg(a) for a in args]
+        except TypeError:
+            return None, _BAD_ARG
+        if not parts:
             return None, _NO_ARGS
-        parts = []
-        for arg in args:
-            kind = type(arg)
-            if kind is bytes:
-                parts.append(arg)
-            elif kind is int and -(10**17) < arg < 10**17:
-                parts.append(b"%d" % arg)
-            elif kind is int or kind is float:
-                parts.append(b"%.17g" % arg)  # what Redis formats a Lua number with
-            else:
-                return None, _BAD_ARG
-        op = parts[0]
+        op = parts.pop(0)
         name = self._commands.get(op)
         if name is None:
             name = op.decode("utf-8", "replace").lower()
             if len(self._commands) < 1024:
                 self._commands[op] = name
-        del parts[0]
         if name in COMMANDS_WITH_SUB and parts:
             name += " " + parts.pop(0).decode("utf-8", "replace").lower()
         socket = self._socket
         try:
             func, sig = socket._name_to_func(name)
-            if func is None:
-                return None, _WRONG_ARITY
         except SimpleError:
             return None, _UNKNOWN
-        try:
-            sig.check_arity(parts, socket.version)
-        except SimpleError:
+        if func is None:
             return None, _WRONG_ARITY
         result = socket._run_command(func, sig, parts, True)
         if type(result) is bytes or type(result) is int:
@@ -402,9 +404,7 @@ class LuaScripts:
         if value is None:
             return False
         if isinstance(value, list):
-            if all(type(v) is bytes or type(v) is int for v in value):
-                return self._table(value)
-            return self._table([self._to_lua(v) for v in value])
+            return self._table([v if type(v) is bytes else self._to_lua(v) for v in value])
         if isinstance(value, SimpleString):
             return self._table({b"ok": value.value})
         if isinstance(value, SimpleError):
@@ -412,6 +412,8 @@ class LuaScripts:
                 return self._table({b"err": value.value.encode()})
             if value.value == msgs.COMMAND_IN_SCRIPT_MSG:
                 return None, _NOT_IN_SCRIPT
+            if value.value.startswith(_ARITY_ERRORS):
+                return None, _WRONG_ARITY
             return None, value.value.encode()
         if isinstance(value, float):
             return Float.encode(value, humanfriendly=False)
@@ -622,7 +624,7 @@ class _AsyncConnection(FakeAsyncRedisConnection):
 
 # Commands run straight on the server, without the protocol round trip through a fake
 # connection (encoding, parsing, a reply queue): what keypool's hot path sends.
-_DIRECT = frozenset({"EVALSHA", "EVAL", "EVALSHA_RO", "EVAL_RO", "evalsha", "eval"})
+_DIRECT = frozenset({"EVALSHA", "EVAL", "evalsha", "eval"})
 
 
 class _Direct:
@@ -640,16 +642,26 @@ class _Direct:
         socket = self._socket
         if socket is None:
             socket = self._socket = EmbeddedSocket(server, 0, client_class=redis.Redis)
-        fields = [encoder.encode(arg) for arg in args[1:]]
+        encoding, errors = encoder.encoding, encoder.encoding_errors
+        fields = [
+            a
+            if type(a) is bytes
+            else a.encode(encoding, errors)
+            if type(a) is str
+            else encoder.encode(a)
+            for a in args[1:]
+        ]
         name = str(args[0]).lower()
         with server.lock:
             try:
                 func, sig = socket._name_to_func(name)
+                sig.check_arity(fields, socket.version)
+                numkeys = Int.decode(fields[1])
                 now = time.time()
                 for db in server.dbs.values():
                     db.time = now
-                sig.check_arity(fields, socket.version)
-                result = socket._run_command(func, sig, fields, False)
+                # a script's reply needs none of the conversions _run_command makes
+                result = func(fields[0], numkeys, *fields[2:])
             except SimpleError as exc:
                 result = exc
         result = socket._decode_result(result)
