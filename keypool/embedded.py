@@ -288,7 +288,7 @@ class LuaScripts:
         self._table = self._lua.table_from
         self._compiled: dict[bytes, Any] = {}
         self._socket: Any = None  # the connection whose script is running
-        self._commands: dict[bytes, str] = {}  # a command as sent by a script -> its name
+        self._commands: dict[bytes, Any] = {}  # a command as a script names it -> its signature
         version = ".".join(str(v) for v in (*server.version, 0, 0)[:3])
         major, minor, patch = (int(v) for v in version.split("."))
         self._compile, self._run, self._null = self._lua.execute(
@@ -379,20 +379,23 @@ class LuaScripts:
         if not parts:
             return None, _NO_ARGS
         op = parts.pop(0)
-        name = self._commands.get(op)
-        if name is None:
-            name = op.decode("utf-8", "replace").lower()
-            if len(self._commands) < 1024:
-                self._commands[op] = name
-        if name in COMMANDS_WITH_SUB and parts:
-            name += " " + parts.pop(0).decode("utf-8", "replace").lower()
         socket = self._socket
-        try:
-            func, sig = socket._name_to_func(name)
-        except SimpleError:
-            return None, _UNKNOWN
-        if func is None:
-            return None, _WRONG_ARITY
+        sig = self._commands.get(op)
+        if sig is not None:
+            func = getattr(socket, sig.func_name)
+        else:
+            name = op.decode("utf-8", "replace").lower()
+            container = name in COMMANDS_WITH_SUB
+            if container and parts:
+                name += " " + parts.pop(0).decode("utf-8", "replace").lower()
+            try:
+                func, sig = socket._name_to_func(name)
+            except SimpleError:
+                return None, _UNKNOWN
+            if func is None:
+                return None, _WRONG_ARITY
+            if not container and len(self._commands) < 1024:
+                self._commands[op] = sig
         result = socket._run_command(func, sig, parts, True)
         if type(result) is bytes or type(result) is int:
             return result
@@ -652,16 +655,17 @@ class _Direct:
             for a in args[1:]
         ]
         name = str(args[0]).lower()
+        run = socket.eval if name == "eval" else socket.evalsha
         with server.lock:
             try:
-                func, sig = socket._name_to_func(name)
-                sig.check_arity(fields, socket.version)
+                if len(fields) < 2:
+                    raise SimpleError(msgs.WRONG_ARGS_MSG6.format(name))
                 numkeys = Int.decode(fields[1])
                 now = time.time()
                 for db in server.dbs.values():
                     db.time = now
                 # a script's reply needs none of the conversions _run_command makes
-                result = func(fields[0], numkeys, *fields[2:])
+                result = run(fields[0], numkeys, *fields[2:])
             except SimpleError as exc:
                 result = exc
         result = socket._decode_result(result)
