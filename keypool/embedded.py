@@ -668,16 +668,21 @@ class _Direct:
                 result = run(fields[0], numkeys, *fields[2:])
             except SimpleError as exc:
                 result = exc
-        result = socket._decode_result(result)
-        if isinstance(result, Exception):
-            raise result
-        if encoder.decode_responses:
+        kind = type(result)
+        if kind is bytes:
+            result = encoder.decode(result)
+        elif kind is not int and result is not None:
+            result = socket._decode_result(result)  # SimpleString, SimpleError, nested
+            if isinstance(result, Exception):
+                raise result
             result = _decoded(encoder, result)
         callback = callbacks.get(args[0])
         return result if callback is None else callback(result)
 
 
 def _decoded(encoder: Any, value: Any) -> Any:
+    """``value`` as the client reads it (``encoder.decode`` leaves bytes alone unless the
+    client decodes responses)."""
     if type(value) is bytes:
         return encoder.decode(value)
     if type(value) is list:
@@ -694,10 +699,11 @@ class EmbeddedRedis(fakeredis.FakeRedis):
         kwargs.setdefault("connection_class", _Connection)
         super().__init__(*args, server=server, **kwargs)
         self._direct = _Direct(server)
+        self._encoder = self.get_encoder()
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         if args and args[0] in _DIRECT and self.connection is None:
-            return self._direct(self.get_encoder(), self.response_callbacks, args)
+            return self._direct(self._encoder, self.response_callbacks, args)
         return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
@@ -709,10 +715,11 @@ class EmbeddedAsyncRedis(fakeredis.FakeAsyncRedis):
         kwargs.setdefault("connection_class", _AsyncConnection)
         super().__init__(*args, server=server, **kwargs)
         self._direct = _Direct(server)
+        self._encoder = self.get_encoder()  # type: ignore[no-untyped-call]
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         if args and args[0] in _DIRECT and self.connection is None:
-            return self._direct(self.get_encoder(), self.response_callbacks, args)  # type: ignore[no-untyped-call]
+            return self._direct(self._encoder, self.response_callbacks, args)
         return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
 
 
