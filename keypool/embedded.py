@@ -10,20 +10,23 @@ Here each server keeps one Lua runtime in which a script is compiled once, when 
 or run, into a function that every later call runs again — as Redis does, so a script's
 top-level ``local``s are fresh on each call. Scripts run in one sandbox environment shaped
 like Redis 7's: its globals are read-only, reading an unknown global is an error, the
-``redis`` library and ``cjson`` are there and nothing else of the host (no ``python``, no
-``io``, no ``os``), so no script sees state left by another. ``redis.call`` goes straight to
-fakeredis's command table (no protocol encoding), and replies and errors follow Redis's
-conversion rules (numbers truncated to integers, arrays stop at the first nil, false is nil,
-true is 1; ``error_reply``/``status_reply``; error texts as Redis 7 words them).
+``redis``, ``cjson`` and ``struct`` libraries are there and nothing else of the host (no
+``python``, no ``io``, no ``os``), so no script sees state left by another. ``redis.call``
+goes straight to fakeredis's command table (no protocol encoding), and replies and errors
+follow Redis's conversion rules (numbers truncated to integers, arrays stop at the first
+nil, false is nil, true is 1; ``error_reply``/``status_reply``; error texts as Redis 7
+words them).
 
 Everything else — data, commands, pipelines, transactions, the asyncio client — is
 fakeredis's own: the clients made here are ``fakeredis.FakeRedis`` and
-``fakeredis.FakeAsyncRedis`` whose connections are :class:`EmbeddedSocket`. A command, a
-script included, runs under the server's lock, so scripts run one at a time whichever
-thread or event loop sends them. Limits: scripts speak RESP2 only (``redis.setresp(3)`` is
-refused); ``struct`` lacks alignment and zero-terminated strings; there is no ``bit`` or
-``cmsgpack``; Redis functions (FUNCTION LOAD, FCALL) are fakeredis's own, compiled once but
-without the faster path.
+``fakeredis.FakeAsyncRedis`` whose connections are :class:`EmbeddedSocket`, except that
+EVAL/EVALSHA sent by the client itself (the hot path) skip the fake connection's protocol
+encoding and parsing. A command, a script included, runs under the server's lock, so
+scripts run one at a time whichever thread or event loop sends them.
+
+Limits: scripts speak RESP2 only (``redis.setresp(3)`` is refused); ``struct`` lacks
+alignment and zero-terminated strings; there is no ``bit`` or ``cmsgpack``; Redis functions
+(FUNCTION LOAD, FCALL) are fakeredis's own, compiled once but without the faster path.
 """
 
 from __future__ import annotations
