@@ -172,22 +172,22 @@ class LazyClient:
 
 
 def _memory_server(name: str) -> Any:
-    import fakeredis
+    from .embedded import EmbeddedServer
 
     with _memory_lock:
         server = _memory_servers.get(name)
         if server is None:
-            server = fakeredis.FakeServer()
+            server = EmbeddedServer()
             _memory_servers[name] = server
     return server
 
 
 def _memory_client(name: str) -> Any:
-    import fakeredis
+    from .embedded import client
 
-    client = fakeredis.FakeRedis(server=_memory_server(name), decode_responses=True)
-    _embedded.add(client)
-    return client
+    made = client(_memory_server(name), decode_responses=True)
+    _embedded.add(made)
+    return made
 
 
 _embedded: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -255,10 +255,10 @@ def open_store_async(url: str, *, socket_timeout: float, connect_timeout: float)
         "socket_connect_timeout": connect_timeout,
     }
     if spec.kind == "memory":
-        import fakeredis
+        from .embedded import async_client
 
-        return fakeredis.FakeAsyncRedis(
-            server=_memory_server(spec.name), decode_responses=True, max_connections=1_000_000
+        return async_client(
+            _memory_server(spec.name), decode_responses=True, max_connections=1_000_000
         )
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry as AsyncRetry
