@@ -13,8 +13,8 @@ Routes (all ``POST``, JSON in and out):
   NDJSON chunks, the last with ``done`` and the counts. Ollama takes no key, but this one
   stands for an Ollama behind a proxy: it wants ``Authorization: Bearer`` unless the server
   was made with ``ollama_needs_key=False``.
-- Gemini ``/v1beta/models/{model}:generateContent``: key in ``x-goog-api-key`` (or
-  ``?key=``); reply with ``candidates`` and ``usageMetadata``. ``:streamGenerateContent``
+- Gemini ``/v1beta/models/{model}:generateContent`` (or ``/v1/``): key in
+  ``x-goog-api-key`` (or ``?key=``); reply with ``candidates`` and ``usageMetadata``. ``:streamGenerateContent``
   (``?alt=sse``) gives one SSE event per word, each with the ``usageMetadata`` so far.
 - OpenAI-like ``/v1/chat/completions`` (Bearer): a ``chat.completion`` with ``usage``;
   ``"stream": true`` gives SSE chunks, the last one with ``usage``, then ``[DONE]``.
@@ -70,7 +70,7 @@ __all__ = [
 
 AUTH_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 _GEMINI = re.compile(
-    r"/v1beta/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)"
+    r"/v1(?:beta)?/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)"
 )
 
 
