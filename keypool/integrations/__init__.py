@@ -16,3 +16,4 @@ Each integration lives in its own module and imports its third-party library its
   ``async_anthropic_client``, the same for ``anthropic.Anthropic``/``AsyncAnthropic``.
 - :mod:`keypool.integrations.google` (``keypool[genai]``): ``genai_client`` and
   ``async_genai_client``, the same for ``google.genai.Client``.
+"""
