@@ -228,3 +228,34 @@ def test_async_httpx2_auth_keeps_a_slow_lease(
     assert watch(other, "openai", lambda: asyncio.run(call())) == [(1, False), (1, False)]
     k1 = other.stats("openai", "k1")
     assert k1.in_flight == 0 and k1.success_count == 1 and k1.tokens_used > 0
+
+
+def test_a_dropped_async_response_is_reported_once(
+    redis_url: str, namespace: str, make: Callable[..., KeyPool], stub: StubLLMServer
+) -> None:
+    other = make()
+    secret = one_key([other], stub, "anthropic")
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+    async def scenario() -> tuple[int, int]:
+        settings = KeyPoolSettings(redis_url=redis_url, namespace=namespace, lease_ttl=TTL)
+        async with AsyncKeyPool(settings=settings) as apool:
+            await apool.add_key("anthropic", "k1", secret, max_concurrency=1)
+            auth = AsyncKeyPoolAuth(apool, "anthropic")
+            async with httpx2.AsyncClient(base_url=stub.base_url, auth=auth) as client:
+                request = client.build_request(
+                    "POST", "/v1/messages", json={**body, "stream": True}
+                )
+                response = await client.send(request, stream=True)
+                during = (await apool.stats("anthropic", "k1")).in_flight
+                del response
+                gc.collect()
+                for _ in range(100):
+                    await asyncio.sleep(0.05)
+                    if not (await apool.stats("anthropic", "k1")).in_flight:
+                        break
+                return during, (await apool.stats("anthropic", "k1")).in_flight
+
+    assert asyncio.run(scenario()) == (1, 0)
+    k1 = other.stats("anthropic", "k1")
+    assert k1.success_count == 1 and k1.error_count == 0 and k1.total_requests == 1

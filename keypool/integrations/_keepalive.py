@@ -71,11 +71,12 @@ class _Entry:
 
     def __init__(self, every: float, renew: Callable[[], bool]) -> None:
         self.every = every
-        self.renew = renew
+        self.renew: Callable[[], bool] | None = renew
         self.stopped = False
 
     def stop(self) -> None:
         self.stopped = True
+        self.renew = None  # the lease is not held on to until the entry's turn comes
 
 
 class _Renewer:
@@ -83,19 +84,17 @@ class _Renewer:
     responses dropped without being closed (never in the garbage collector's context)."""
 
     def __init__(self) -> None:
+        self._seq = itertools.count()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Start afresh (a forked child: the thread, and maybe its lock, are the parent's)."""
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, _Entry]] = []
         self._jobs: deque[Callable[[], object]] = deque()
-        self._seq = itertools.count()
-        self._pid = -1
         self._thread: threading.Thread | None = None
 
     def _ensure(self) -> None:  # with the lock held
-        if self._pid != os.getpid():  # first use, or a forked child: the thread is not here
-            self._pid = os.getpid()
-            self._heap.clear()
-            self._jobs.clear()
-            self._thread = None
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="keypool-renewer", daemon=True)
             self._thread.start()
@@ -139,20 +138,23 @@ class _Renewer:
                 with contextlib.suppress(Exception):
                     job()
                 continue
-            assert entry is not None
+            renew = entry.renew if entry is not None else None
+            if renew is None:
+                continue
             try:
-                alive = entry.renew()
+                alive = renew()
             except KeyPoolError:
                 alive = True  # the store is away for now: try again at the next turn
             except Exception:
                 alive = False
-            if alive and not entry.stopped:
+            if alive and entry is not None and not entry.stopped:
                 with self._cond:
                     due = time.monotonic() + entry.every
                     heapq.heappush(self._heap, (due, next(self._seq), entry))
 
 
 _RENEWER = _Renewer()
+os.register_at_fork(after_in_child=_RENEWER._reset)
 
 
 def renewer() -> _Renewer:
@@ -160,9 +162,12 @@ def renewer() -> _Renewer:
     return _RENEWER
 
 
-async def _renew_loop(hold: Hold, every: float, renew: Callable[[], Awaitable[bool]]) -> None:
+async def _renew_loop(
+    hold: Hold, every: float, renew: Callable[[], Awaitable[bool]], wake: asyncio.Event
+) -> None:
     while True:
-        await asyncio.sleep(every)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), every)
         if hold.done:
             return
         try:
@@ -179,7 +184,15 @@ _TASKS: set[asyncio.Task[Any]] = set()  # running tasks, kept from the garbage c
 
 def renew_in_task(hold: Hold, every: float, renew: Callable[[], Awaitable[bool]]) -> None:
     """Renew ``hold``'s lease every ``every`` seconds in a task of the running loop until
-    the hold is claimed (the task ends at its next turn after that)."""
-    task = asyncio.get_running_loop().create_task(_renew_loop(hold, every, renew))
+    the hold is claimed (which wakes the task to end)."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def stop() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the task is gone
+            loop.call_soon_threadsafe(wake.set)
+
+    hold.kept_by(stop)
+    task = loop.create_task(_renew_loop(hold, every, renew, wake))
     _TASKS.add(task)
     task.add_done_callback(_TASKS.discard)
