@@ -8,6 +8,7 @@ another worker (or ``keypool status``) would see it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -158,3 +159,24 @@ def test_credentials_of_its_own_are_refused(make: Callable[..., KeyPool]) -> Non
         openai_client(make(), api_key="sk-other")
     client = openai_client(make(), base_url="http://127.0.0.1:9/v1")
     assert client.max_retries == 0
+
+
+def test_no_secret_in_sdk_debug_logs_errors_or_reprs(
+    make: Callable[..., KeyPool], stub: StubLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    pool = make(log_level="debug")
+    secrets = register(pool, stub, "openai", "o1")
+    secrets.update(register(pool, None, "openai", "o2"))  # rejected: 401
+    stub.plan(secrets["o1"], openai_429(retry_after=5))
+    client = openai_client(pool, base_url=stub.base_url + "/v1", retries=0)
+    seen = [repr(client), repr(client._client.auth)]
+    for _ in range(3):
+        try:
+            seen.append(repr(ask(client)))
+        except (openai.OpenAIError, NoKeyAvailable) as exc:
+            seen.extend([repr(exc), str(exc)])
+    text = "\n".join([*seen, caplog.text])
+    assert "HTTP Request" in caplog.text or "Request options" in caplog.text  # logs were on
+    for secret in secrets.values():
+        assert secret not in text
