@@ -14,8 +14,9 @@ Routes (all ``POST``, JSON in and out):
   stands for an Ollama behind a proxy: it wants ``Authorization: Bearer`` unless the server
   was made with ``ollama_needs_key=False``.
 - Gemini ``/v1beta/models/{model}:generateContent`` (or ``/v1/``): key in
-  ``x-goog-api-key`` (or ``?key=``); reply with ``candidates`` and ``usageMetadata``. ``:streamGenerateContent``
-  (``?alt=sse``) gives one SSE event per word, each with the ``usageMetadata`` so far.
+  ``x-goog-api-key`` (or ``?key=``); reply with ``candidates`` and ``usageMetadata``.
+  ``:streamGenerateContent`` (``?alt=sse``) gives one SSE event per word, each with the
+  ``usageMetadata`` so far.
 - OpenAI-like ``/v1/chat/completions`` (Bearer): a ``chat.completion`` with ``usage``;
   ``"stream": true`` gives SSE chunks, the last one with ``usage``, then ``[DONE]``.
 - Anthropic-like ``/v1/messages`` (``x-api-key``; ``anthropic-version`` required);
