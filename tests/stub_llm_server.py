@@ -13,11 +13,15 @@ Routes (all ``POST``, JSON in and out):
   NDJSON chunks, the last with ``done`` and the counts. Ollama takes no key, but this one
   stands for an Ollama behind a proxy: it wants ``Authorization: Bearer`` unless the server
   was made with ``ollama_needs_key=False``.
-- Gemini ``/v1beta/models/{model}:generateContent``: key in ``x-goog-api-key`` (or
-  ``?key=``); reply with ``candidates`` and ``usageMetadata``.
+- Gemini ``/v1beta/models/{model}:generateContent`` (or ``/v1/``): key in
+  ``x-goog-api-key`` (or ``?key=``); reply with ``candidates`` and ``usageMetadata``.
+  ``:streamGenerateContent`` (``?alt=sse``) gives one SSE event per word, each with the
+  ``usageMetadata`` so far.
 - OpenAI-like ``/v1/chat/completions`` (Bearer): a ``chat.completion`` with ``usage``;
   ``"stream": true`` gives SSE chunks, the last one with ``usage``, then ``[DONE]``.
-- Anthropic-like ``/v1/messages`` (``x-api-key``; ``anthropic-version`` required).
+- Anthropic-like ``/v1/messages`` (``x-api-key``; ``anthropic-version`` required);
+  ``"stream": true`` gives the Messages API's events: the input tokens in
+  ``message_start``, the output tokens in ``message_delta``.
 - ``/echo``: 200 ``{"ok": true}`` for a known key in any of the usual auth headers, to look
   at the headers other providers get.
 
@@ -51,19 +55,24 @@ __all__ = [
     "Call",
     "Reply",
     "StubLLMServer",
+    "anthropic_429",
     "drop_connection",
+    "fake_secret",
     "gemini_429",
     "gemini_daily_quota",
     "gemini_invalid_key",
     "gemini_rate_limit_retry_info",
     "openai_429",
     "openai_insufficient_quota",
+    "register",
     "server_error",
     "slow",
 ]
 
 AUTH_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
-_GEMINI = re.compile(r"/v1beta/models/(?P<model>[^/:]+):(?P<method>generateContent)")
+_GEMINI = re.compile(
+    r"/v1(?:beta)?/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)"
+)
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,18 @@ def openai_429(reset_requests: str | None = "2s", retry_after: float | None = 2)
             "code": "rate_limit_exceeded",
         }
     }
+    return Reply(429, body, headers)
+
+
+def anthropic_429(retry_after: float = 2) -> Reply:
+    """Anthropic's rate-limit answer, with ``retry-after`` and its reset headers."""
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + retry_after))
+    headers = {
+        "retry-after": _num(retry_after),
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": reset,
+    }
+    body = {"type": "error", "error": {"type": "rate_limit_error", "message": "rate limited"}}
     return Reply(429, body, headers)
 
 
@@ -420,7 +441,9 @@ class StubLLMServer:
             planned = self._plans.get(key) if key_id is not None and key is not None else None
             reply = planned.popleft() if planned else None
 
-        status, payload, extra, stream, tokens = self._answer(route, body, headers, key_id, reply)
+        status, payload, extra, stream, tokens = self._answer(
+            route, path, body, headers, key_id, reply
+        )
         call = Call(
             method=handler.command,
             path=path,
@@ -482,6 +505,7 @@ class StubLLMServer:
     def _answer(
         self,
         route: str,
+        path: str,
         body: Any,
         headers: Mapping[str, str],
         key_id: str | None,
@@ -507,7 +531,7 @@ class StubLLMServer:
         if route == "echo":
             return 200, {"ok": True}, extra, None, None
         if route == "gemini":
-            return self._gemini(body, extra)
+            return self._gemini(body, extra, stream="streamGenerateContent" in path)
         if route == "ollama":
             return self._ollama(body, extra)
         if route == "openai":
@@ -516,11 +540,31 @@ class StubLLMServer:
 
     @staticmethod
     def _gemini(
-        body: Mapping[str, Any], extra: Mapping[str, str]
+        body: Mapping[str, Any], extra: Mapping[str, str], stream: bool = False
     ) -> tuple[int, Any, Mapping[str, str], list[bytes] | None, int | None]:
         prompt, prompt_tokens = _gemini_prompt(body)
         text = _reply_text(prompt)
         out = _words(text)
+        if stream:
+            chunks = []
+            words = text.split()
+            for i, word in enumerate(words, 1):
+                event: dict[str, Any] = {
+                    "candidates": [
+                        {"content": {"parts": [{"text": word + " "}], "role": "model"}, "index": 0}
+                    ],
+                    "usageMetadata": {
+                        "promptTokenCount": prompt_tokens,
+                        "candidatesTokenCount": i,
+                        "totalTokenCount": prompt_tokens + i,
+                    },
+                    "modelVersion": "stub",
+                }
+                if i == len(words):
+                    event["candidates"][0]["finishReason"] = "STOP"
+                chunks.append(b"data: " + json.dumps(event).encode() + b"\r\n\r\n")
+            headers = {"Content-Type": "text/event-stream", **extra}
+            return 200, None, headers, chunks, prompt_tokens + out
         payload = {
             "candidates": [
                 {
@@ -640,9 +684,44 @@ class StubLLMServer:
             "model": body.get("model"),
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn",
+            "stop_sequence": None,
             "usage": {"input_tokens": prompt_tokens, "output_tokens": out},
         }
-        return 200, payload, extra, None, prompt_tokens + out
+        if not body.get("stream"):
+            return 200, payload, extra, None, prompt_tokens + out
+        start = {**payload, "content": [], "stop_reason": None}
+        start["usage"] = {"input_tokens": prompt_tokens, "output_tokens": 1}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": start}),
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            ),
+        ]
+        for word in text.split():
+            delta = {"type": "text_delta", "text": word + " "}
+            events.append(
+                ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            )
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": out},
+                },
+            )
+        )
+        events.append(("message_stop", {"type": "message_stop"}))
+        chunks = [f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events]
+        headers = {"Content-Type": "text/event-stream", **extra}
+        return 200, None, headers, chunks, prompt_tokens + out
 
     @staticmethod
     def _send(
@@ -690,6 +769,22 @@ def usage_of(payload: Any) -> int | None:
     if isinstance(payload.get("eval_count"), int):
         return int(payload["eval_count"]) + int(payload.get("prompt_eval_count") or 0)
     return None
+
+
+def fake_secret(provider: str, key_id: str) -> str:
+    """A made-up key, unique to one test."""
+    return f"fake-{provider}-{key_id}-{uuid.uuid4().hex[:16]}"
+
+
+def register(pool: Any, stub: StubLLMServer | None, provider: str, *key_ids: str) -> dict[str, str]:
+    """Add made-up keys to a pool (``pool.add_key``) and to the stub, so that it accepts
+    them; key id -> secret."""
+    secrets = {key_id: fake_secret(provider, key_id) for key_id in key_ids}
+    for key_id, secret in secrets.items():
+        pool.add_key(provider, key_id, secret)
+        if stub is not None:
+            stub.add_key(secret, key_id)
+    return secrets
 
 
 def main() -> None:

@@ -499,16 +499,17 @@ def test_openai_sse_stream_counts_the_final_usage(pool: KeyPool, stub: StubLLMSe
     assert stats.tokens_used == stub.calls[0].total_tokens
 
 
-def test_stream_closed_early_is_a_success_without_tokens(
+def test_stream_closed_early_is_a_success_with_what_it_showed(
     pool: KeyPool, stub: StubLLMServer
 ) -> None:
-    register(pool, stub, "ollama", "o1")
+    secret = register(pool, stub, "ollama", "o1")["o1"]
+    stub.plan(secret, Reply(chunk_delay=0.2))  # the counts come in the last line, later
     body = {"model": "llama3.2", "messages": [{"role": "user", "content": "a b c d e f"}]}
     with (
         httpx.Client(base_url=stub.base_url, auth=KeyPoolAuth(pool, "ollama")) as client,
         client.stream("POST", "/api/chat", json=body) as response,
     ):
-        next(response.iter_lines())  # read one line, then leave
+        next(response.iter_lines())  # read one line, then leave before the counts
     stats = pool.stats("ollama", "o1")
     assert stats.success_count == 1 and stats.error_count == 0
     assert stats.in_flight == 0 and stats.tokens_used == 0
@@ -827,3 +828,51 @@ def test_example_exits_nonzero_when_every_key_is_rejected(stub: StubLLMServer) -
     assert proc.returncode == 1, output
     assert "HTTP 401" in proc.stdout and "disabled" in proc.stdout
     assert "fake-unknown-to-the-stub" not in output
+
+
+# --------------------------------------------------------------------------- httpx2
+
+
+def test_httpx2_auth_rotates_cools_and_counts(pool: KeyPool, stub: StubLLMServer) -> None:
+    httpx2 = pytest.importorskip("httpx2")
+    from keypool.integrations import httpx2 as kp_httpx2
+
+    with pytest.raises(TypeError, match="auth"):  # an httpx.Auth is not an httpx2.Auth
+        httpx2.Client(auth=KeyPoolAuth(pool, "openai"))
+    secrets = register(pool, stub, "openai", "o1", "o2")
+    stub.plan(secrets["o1"], openai_429(reset_requests="20s", retry_after=None))
+    auth = kp_httpx2.KeyPoolAuth(pool, "openai", retry_on_rate_limit=1)
+    with httpx2.Client(base_url=stub.base_url, auth=auth) as client:
+        statuses = [post(client, "openai").status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert pool.stats("openai", "o1").status == "cooling"
+    o2 = pool.stats("openai", "o2")
+    assert o2.success_count == 3 and o2.in_flight == 0
+    assert o2.tokens_used == sum(c.total_tokens or 0 for c in stub.calls if c.key_id == "o2")
+
+
+def test_httpx2_async_auth_streams_and_counts(
+    make_apool: Callable[..., AsyncKeyPool], stub: StubLLMServer
+) -> None:
+    httpx2 = pytest.importorskip("httpx2")
+    from keypool.integrations import httpx2 as kp_httpx2
+
+    secret = fake_secret("ollama", "o1")
+    stub.add_key(secret, "o1")
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "stream me"}]}
+
+    async def scenario() -> tuple[list[str], KeyStats]:
+        async with make_apool() as apool:
+            await apool.add_key("ollama", "o1", secret)
+            auth = kp_httpx2.AsyncKeyPoolAuth(apool, "ollama")
+            async with (
+                httpx2.AsyncClient(base_url=stub.base_url, auth=auth) as client,
+                client.stream("POST", "/api/chat", json=body) as response,
+            ):
+                lines = [line async for line in response.aiter_lines()]
+            return lines, await apool.stats("ollama", "o1")
+
+    lines, o1 = asyncio.run(scenario())
+    assert '"done": true' in lines[-1]
+    assert o1.success_count == 1 and o1.in_flight == 0
+    assert o1.tokens_used == stub.calls[0].total_tokens
