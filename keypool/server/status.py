@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from string import Template
@@ -18,6 +19,7 @@ from .upstreams import Upstream
 __all__ = ["render_status_html", "status_document"]
 
 REFRESH_SECONDS = 5
+_STATES = ("active", "cooling", "exhausted", "disabled")
 _HIDDEN_FIELDS = ("fingerprint",)
 _template: Template | None = None
 
@@ -78,6 +80,13 @@ def _why(s: KeyStats) -> str:
     return ""
 
 
+def _short(text: str, width: int = 40) -> str:
+    """Escaped ``text``, cut to ``width`` characters (all of it in the title)."""
+    if len(text) <= width:
+        return html.escape(text)
+    return f'<span title="{html.escape(text)}">{html.escape(text[: width - 1])}&hellip;</span>'
+
+
 def _budget(cap: int | None, left: int | None) -> str:
     if cap is None:
         return "&ndash;"
@@ -89,11 +98,12 @@ def _row(s: KeyStats, now: float) -> str:
     left = _left(s.cooldown_until or s.available_at, now)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s.errors_by_kind.items())) or "&ndash;"
     in_flight = str(s.in_flight) + (f" / {s.max_concurrency}" if s.max_concurrency else "")
-    last = e(redact(s.last_error)) if s.last_error else ""
+    last = _short(redact(s.last_error), 30) if s.last_error else ""
+    why = _short(_why(s))
     cells = [
         f"<td><code>{e(s.key_id)}</code></td>",
         f'<td><span class="state {e(s.status)}">{e(s.status)}</span> '
-        f'<span class="why">{e(_why(s))}</span></td>',
+        f'<span class="why">{why}</span></td>',
         f'<td class="num">{"&ndash;" if left is None else f"{left:.1f} s"}</td>',
         f'<td class="num">{e(in_flight)}</td>',
         f'<td class="num">{s.total_requests}</td>',
@@ -103,7 +113,7 @@ def _row(s: KeyStats, now: float) -> str:
         f'<td class="num">{_budget(s.tpm, s.tpm_left)}</td>',
         f'<td class="num">{_budget(s.rpd, s.rpd_left)}</td>',
         f'<td class="num">{s.tokens_used}</td>',
-        f"<td>{last}</td>",
+        f'<td class="last">{last}</td>',
     ]
     return f'<tr id="key-{e(s.provider)}-{e(s.key_id)}">' + "".join(cells) + "</tr>"
 
@@ -127,17 +137,22 @@ def render_status_html(
     now = time.time() if now is None else now
     e = html.escape
     sections = []
+    idle = []
     for provider, keys in _group(stats, upstreams).items():
         upstream = upstreams.get(provider)
         target = e(upstream.origin + upstream.base_path) if upstream else "not routed"
-        if keys:
-            body = "<table>" + _HEAD + "".join(_row(k, now) for k in keys) + "</table>"
-        else:
-            body = '<p class="empty">no keys</p>'
+        if not keys:
+            idle.append(f"{e(provider)} &rarr; {target}")
+            continue
+        counts = Counter(k.status for k in keys)
+        summary = " &middot; ".join(f"{counts[s]} {s}" for s in _STATES if counts[s])
+        table = "<table>" + _HEAD + "".join(_row(k, now) for k in keys) + "</table>"
         sections.append(
             f'<section id="provider-{e(provider)}"><h2>{e(provider)} '
-            f'<span class="why">&rarr; {target}</span></h2>{body}</section>'
+            f'<span class="why">&rarr; {target} &middot; {summary}</span></h2>{table}</section>'
         )
+    if idle:
+        sections.append('<p class="empty">no keys: ' + ", ".join(idle) + "</p>")
     return _page().substitute(
         refresh=REFRESH_SECONDS,
         store=e(store),
