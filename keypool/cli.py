@@ -812,6 +812,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_header=False,
         date_header=False,
         timeout_keep_alive=30,
+        access_log=False,
     )
     return EXIT_OK
 

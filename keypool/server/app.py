@@ -24,6 +24,7 @@ from ..store import redact_url
 from .auth import TokenChecker, presented_tokens
 from .http import BodyTooLarge, ClientGone, Receive, Scope, Send, error_response, read_body, respond
 from .metrics import CONTENT_TYPE, GatewayMetrics
+from .netio import make_transport
 from .proxy import Exchange, Forwarder
 from .routing import inspect_request
 from .settings import GatewaySettings
@@ -110,7 +111,10 @@ class Gateway:
                 pool=g.proxy_connect_timeout,
             )
             self._client = httpx2.AsyncClient(
-                limits=limits, timeout=timeout, follow_redirects=False, trust_env=False
+                transport=make_transport(limits),
+                timeout=timeout,
+                follow_redirects=False,
+                trust_env=False,
             )
             self._forwarder = Forwarder(
                 pool,
