@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -454,6 +455,31 @@ def test_stream_flows_through_as_it_arrives_and_usage_is_counted(gateway: Gatewa
             stub.release()
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
+        key = wait_for(lambda: (k := stats_of(gw)["k1"])["success_count"] == 1 and k)
+        assert key["tokens_used"] == 14 and key["in_flight"] == 0
+
+
+def test_the_lease_lives_until_the_last_byte(gateway: Gateway, namespace: str) -> None:
+    stub = StreamStub()
+    with ServerThread(stub) as upstream:
+        settings = KeyPoolSettings(
+            redis_url=f"memory://{namespace}", namespace=namespace, lease_ttl=0.6
+        )
+        pool = AsyncKeyPool(settings=settings)
+        gw = gateway({"OPENAI_K1_KEY": "sk-1", "KEYPOOL_UPSTREAM_OPENAI": upstream.url}, pool=pool)
+        _run_in_loop(gw, pool.load_env({"OPENAI_K1_KEY": "sk-1"}))
+        body = {"model": "m", "stream": True}
+        with httpx.stream(
+            "POST", gw.url + "/openai/v1/chat/completions", json=body, headers=AUTH
+        ) as r:
+            lines = r.iter_lines()
+            for _ in range(3):  # 2.4 s: four lease TTLs
+                stub.release()
+                next(line for line in lines if line)
+                time.sleep(0.8)
+                assert stats_of(gw)["k1"]["in_flight"] == 1
+            stub.release()
+            list(lines)
         key = wait_for(lambda: (k := stats_of(gw)["k1"])["success_count"] == 1 and k)
         assert key["tokens_used"] == 14 and key["in_flight"] == 0
 
