@@ -109,18 +109,19 @@ class Exchange:
 class _Renewer:
     """Keeps a lease alive while its call runs: renews it every third of the TTL."""
 
-    __slots__ = ("_handle", "_interval", "_lease", "_loop", "_stopped")
+    __slots__ = ("_handle", "_interval", "_lease", "_loop", "_stopped", "_task")
 
     def __init__(self, lease: AsyncLease, ttl: float) -> None:
         self._lease = lease
         self._interval = max(ttl / 3, 0.05)
         self._loop = asyncio.get_running_loop()
         self._stopped = False
+        self._task: asyncio.Task[None] | None = None  # held: a loop keeps only weak references
         self._handle: asyncio.TimerHandle | None = self._loop.call_later(self._interval, self._fire)
 
     def _fire(self) -> None:
         if not self._stopped:
-            self._loop.create_task(self._renew())
+            self._task = self._loop.create_task(self._renew())
 
     async def _renew(self) -> None:
         try:
@@ -334,6 +335,10 @@ class Forwarder:
             state[0] = True
             await self._fail(lease, exc)
             self.metrics.upstream_failures.labels(ex.provider, "stream_broken").inc()
+            raise
+        except BaseException:
+            state[0] = True
+            await self._release(lease)
             raise
         finally:
             if watcher is not None:
