@@ -271,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("model", metavar="MODEL", help="model name")
         _key_arguments(action)
         action.set_defaults(handler=handler)
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the HTTP gateway (pip install 'keypool[server]')",
+        description="Run the gateway: /{provider}/... is forwarded to the provider with a "
+        "leased key. Clients authenticate with a token of KEYPOOL_PROXY_TOKENS.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (8080)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without KEYPOOL_PROXY_TOKENS (only when bound to a loopback address)",
+    )
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -749,6 +766,54 @@ def _exit_code(code: object) -> int:
         return code
     print(code, file=sys.stderr)
     return EXIT_ERROR
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway on uvicorn; every worker is one more process of the pool."""
+    import ipaddress
+
+    try:
+        import uvicorn
+
+        from .server import GatewaySettings, create_app
+    except ImportError as exc:
+        raise ConfigError(f"keypool serve needs: pip install 'keypool[server]' ({exc})") from None
+    if getattr(args, "url", None):
+        os.environ["KEYPOOL_REDIS_URL"] = args.url
+    if getattr(args, "namespace", None):
+        os.environ["KEYPOOL_NAMESPACE"] = args.namespace
+    if not 0 < args.port < 65536 or not 1 <= args.workers <= 256:
+        raise UsageError("--port must be 1-65535 and --workers 1-256")
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not GatewaySettings().tokens():
+        if not args.no_auth:
+            raise ConfigError(
+                "KEYPOOL_PROXY_TOKENS is empty: set client tokens (--no-auth "
+                "serves without them, on a loopback address only)"
+            )
+        if not loopback:
+            raise ConfigError(f"--no-auth is refused on {args.host}: bind to 127.0.0.1 or ::1")
+        os.environ["KEYPOOL_PROXY_NO_AUTH"] = "1"
+    settings = load_settings()
+    if settings.redis_url.startswith("memory://") and args.workers > 1:
+        raise UsageError("memory:// is one process: set KEYPOOL_REDIS_URL for --workers > 1")
+    create_app(settings)  # fail here, not in every worker, on a bad configuration
+    uvicorn.run(
+        "keypool.server:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="warning",
+        server_header=False,
+        date_header=False,
+        timeout_keep_alive=30,
+        access_log=False,
+    )
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

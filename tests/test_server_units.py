@@ -1,0 +1,106 @@
+"""The gateway's parts on their own: upstream table, tokens, usage tap, request routing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+pytest.importorskip("httpx2")
+
+from keypool import ConfigError
+from keypool.server.auth import TokenChecker, presented_tokens, strip_key_param
+from keypool.server.routing import inspect_request
+from keypool.server.upstreams import load_upstreams
+from keypool.server.usage import UsageTap
+
+
+def test_upstream_table_defaults_overrides_and_removal() -> None:
+    table = load_upstreams(
+        {
+            "KEYPOOL_UPSTREAM_OLLAMA": "http://10.0.0.5:11434/",
+            "KEYPOOL_UPSTREAM_MYLLM": "https://llm.example.com/api/",
+            "KEYPOOL_UPSTREAM_COHERE": "off",
+        }
+    )
+    assert table["openai"].origin == "https://api.openai.com"
+    assert table["ollama"].origin == "http://10.0.0.5:11434"
+    assert table["myllm"].base_path == "/api" and table["myllm"].auth_header == b"authorization"
+    assert table["gemini"].auth_header == b"x-goog-api-key"
+    assert "cohere" not in table and "azure_openai" not in table
+    assert table["myllm"].target(b"/v1/x%2Fy") == b"/api/v1/x%2Fy"
+    for bad in (b"/../x", b"/a/%2e%2e/b", b"/a/..%2f", b"/a\\b", b"/a/."):
+        with pytest.raises(ValueError):
+            table["myllm"].target(bad)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://x", "http://", "http://user:pw@host", "http://host/?q=1", "http://host:99999"],
+)
+def test_bad_upstreams_are_refused_by_name(url: str) -> None:
+    with pytest.raises(ConfigError, match="KEYPOOL_UPSTREAM_OPENAI"):
+        load_upstreams({"KEYPOOL_UPSTREAM_OPENAI": url})
+    with pytest.raises(ConfigError):
+        load_upstreams({"KEYPOOL_UPSTREAM_BAD.NAME": "http://x"})
+
+
+def test_tokens_in_every_place_and_constant_time_check() -> None:
+    checker = TokenChecker(["t1", "t2"])
+    assert "t1" not in repr(checker)
+    headers = [(b"x-api-key", b"t2"), (b"authorization", b"Bearer nope")]
+    assert checker.check(presented_tokens(headers, b""))
+    assert not checker.check(presented_tokens([(b"authorization", b"Bearer t3")], b""))
+    assert checker.check(presented_tokens([], b"alt=sse&key=t1"))
+    assert strip_key_param(b"alt=sse&key=t1&monkey=3") == b"alt=sse&monkey=3"
+    assert strip_key_param(b"a=1") == b"a=1"
+
+
+def _tap(chunks: list[bytes], ctype: str, encoding: str = "") -> tuple[int | None, int | None]:
+    tap = UsageTap(ctype, encoding)
+    for chunk in chunks:
+        tap.feed(chunk)
+    usage = tap.finish()
+    return usage.input_tokens, usage.output_tokens
+
+
+def _split(data: bytes, size: int = 7) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def test_usage_of_openai_anthropic_gemini_ollama_streams_and_bodies() -> None:
+    openai_sse = (
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+        b"\n\ndata: [DONE]\n\n"
+    )
+    assert _tap(_split(openai_sse), "text/event-stream") == (3, 4)
+    anthropic_sse = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+        b'{"input_tokens":25,"output_tokens":1}}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":15}}\n\n'
+    )
+    assert _tap(_split(anthropic_sse, 5), "text/event-stream; charset=utf-8") == (25, 15)
+    gemini = json.dumps(
+        {"usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 6, "totalTokenCount": 11}}
+    ).encode()
+    assert _tap([gemini], "application/json") == (5, 6)
+    ollama = b'{"done":false}\n{"done":true,"prompt_eval_count":8,"eval_count":9}'
+    assert _tap(_split(ollama), "application/x-ndjson") == (8, 9)
+    body = json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    assert _tap(_split(gzip.compress(body)), "application/json", "gzip") == (1, 2)
+    assert _tap([b"not json"], "application/json") == (None, None)
+    assert _tap([b"\x00\x01"], "application/json", "br") == (None, None)
+
+
+def test_model_and_estimate_from_the_request() -> None:
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 100, "messages": []}).encode()
+    info = inspect_request(b"/v1/chat/completions", body, b"application/json")
+    assert info.model == "gpt-4o" and info.tokens == len(body) // 4 + 100
+    info = inspect_request(b"/v1beta/models/gemini-2.0-flash:generateContent", b"{}", b"")
+    assert info.model == "gemini-2.0-flash"
+    info = inspect_request(b"/openai/deployments/prod-4o/chat/completions", b"", b"")
+    assert info.model == "prod-4o"
+    assert inspect_request(b"/v1/x", b'{"model": ""}', b"application/json").model is None
