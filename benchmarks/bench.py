@@ -147,7 +147,7 @@ def inside_redis(url: str, ns: str, batches: int = 20, batch: int = 100) -> dict
     pool = make_pool(url, ns, 10, "inside")
     for _ in range(20):
         pool.acquire("inside", tokens=10).success(tokens=12)
-    lane = pool._lane()
+    lane = pool._lanes.current() if pool._lanes is not None else None
     verb = "fcall" if lane is not None and lane.uses_functions else "evalsha"
 
     def stat(command: str) -> tuple[int, int]:

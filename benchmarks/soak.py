@@ -57,7 +57,6 @@ from keypool import (
     SecretUnavailable,
     UnknownKey,
 )
-from keypool.keyspace import decode_state
 
 PROVIDER = "soak"
 STRATEGIES = ("round_robin", "weighted", "least_busy", "best", "latency")
@@ -524,8 +523,7 @@ def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) ->
     m_names = [n for n in names if n.startswith(prefix + "m:")]
     model_names = [n for n in names if n.startswith(f"{ns}:model:")]
 
-    # one MULTI/EXEC: a consistent view of the provider's structures (on a client that
-    # leaves replies as bytes: a key's packed numbers are binary)
+    # one MULTI/EXEC: a consistent view of the provider's structures
     tx = _bytes_client(raw).pipeline(transaction=True)
     tx.smembers(prefix + "all")
     zsets = ("wait", "leases", "rr", "wrr", "best", "busy", "lat")
@@ -533,7 +531,7 @@ def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) ->
         tx.zrange(prefix + zname, 0, -1)
     tx.hlen(prefix + "meta")
     for n in k_names:
-        tx.hget(n, "st")
+        tx.hmget(n, "inflight", "maxc")
         tx.hlen(n)
         tx.zcard(prefix + "kl:" + n[len(prefix) + 2 :])
     for n in kl_names:
@@ -546,12 +544,11 @@ def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) ->
     meta_hlen = int(next(replies))
     hashes: dict[str, tuple[int, int, int, int]] = {}  # inflight, maxc, HLEN, kl: ZCARD
     for n in k_names:
-        packed = next(replies)
+        numbers = next(replies)
         hlen = int(next(replies))
         kl_card = int(next(replies))
-        if hlen and packed:  # deleted (or not yet written) between the scan and now
-            state = decode_state(packed)
-            inflight, maxc = int(state["inflight"]), int(state["maxc"])
+        if hlen and numbers[0] is not None:  # deleted between the scan and now
+            inflight, maxc = int(float(numbers[0])), int(float(numbers[1] or 0))
             hashes[n[len(prefix) + 2 :]] = (inflight, maxc, hlen, kl_card)
     # lease sets of ids without a hash (seen by the scan): must be empty
     kl: dict[str, int] = {n[len(prefix) + 3 :]: int(next(replies)) for n in kl_names}
@@ -561,7 +558,9 @@ def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) ->
     orphans: list[str] = []
     for name in zsets:
         for member in z[name]:
-            key_id = member.split("/", 1)[0] if name == "leases" else member
+            if name == "leases":
+                continue  # lease ids: their records name the key (checked by in-flight)
+            key_id = member
             if key_id not in all_ids:
                 orphans.append(f"{name}:{member}")
     orphans += [f"k:{k}" for k in hashes if k not in all_ids]
@@ -797,9 +796,9 @@ def drain_check(raw: redis.Redis, cfg: Config) -> dict[str, int]:
     inflight = 0
     packed_reader = _bytes_client(raw)
     for name in raw.scan_iter(match=prefix + "k:*", count=1000):
-        packed = packed_reader.hget(name, "st")
-        if packed:
-            inflight += int(decode_state(packed)["inflight"])
+        value = packed_reader.hget(name, "inflight")
+        if value:
+            inflight += int(float(value))
     return {"leases": s.leases, "kl_members": s.kl_members, "inflight": inflight}
 
 

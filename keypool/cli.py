@@ -678,7 +678,7 @@ def cmd_disable(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
         pool.disable_key(provider, key_id, reason=args.reason)
-    why = f" (reason: {args.reason})" if args.reason else ""
+    why = f" (reason: {redact(args.reason)})" if args.reason else ""
     print(f"disabled {_label(provider, key_id)}{why}")
     return EXIT_OK
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_serializer, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
@@ -87,6 +87,13 @@ class KeyPoolSettings(BaseSettings):
 
         parse_url(value)
         return value
+
+    @field_serializer("redis_url")
+    def _hide_password(self, value: str) -> str:
+        # model_dump() and model_dump_json() show the URL as messages do: password as ***
+        from .store import redact_url
+
+        return redact_url(value)
 
     @field_validator("secret_key", "old_secret_keys", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from keypool import (
     AsyncKeyPool,
@@ -343,3 +344,50 @@ def test_plain_redis_to_a_tls_port_fails_within_the_timeout(tls_server: tuple[in
     ):
         pool.add_key(OPENAI, "a", "sk-" + uuid.uuid4().hex * 2)
     assert_hidden(PASSWORD, str(failed.value), repr(failed.value))
+
+
+def _readme_acl_rights() -> list[str]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in readme.splitlines() if x.startswith("ACL SETUSER keypool-app "))
+    words = line.split()[3:]  # after ACL SETUSER <name>
+    return [w for w in words if not w.startswith((">", "~"))]
+
+
+def test_the_readme_acl_line_is_enough_for_the_whole_api(auth_server: int) -> None:
+    """A user with exactly the README's rights (its namespace instead of keypool) runs every
+    call of the pool, sync and async."""
+    admin = redis.Redis(port=auth_server, password=PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "minimal", ">min-pw", f"~{NS}:*", *_readme_acl_rights())
+    admin.close()
+    url = f"redis://minimal:min-pw@127.0.0.1:{auth_server}/0"
+    with pool_on(url) as pool:
+        use(pool)
+        pool.add_key(OPENAI, "b", "sk-" + uuid.uuid4().hex * 2, rpm=100, max_concurrency=2)
+        pool.assign_model("gpt-4o", OPENAI, "b")
+        lease = pool.acquire(model="gpt-4o", tokens=10)
+        assert lease.renew(5.0)
+        lease.fail(429, retry_after=1)
+        with pool.acquire(OPENAI) as other:
+            pass
+        pool.acquire(OPENAI).release()
+        key_id, _secret = pool.next_key(OPENAI)
+        pool.mark_success(OPENAI, key_id, tokens=3)
+        pool.mark_failure(OPENAI, key_id, 500)
+        pool.disable_key(OPENAI, "b", reason="rotating")
+        pool.enable_key(OPENAI, "b")
+        pool.reset_key(OPENAI, "b")
+        pool.unassign_model("gpt-4o", OPENAI, "b")
+        assert {s.key_id for s in pool.snapshot()} == {"a", "b"}
+        assert pool.stats(OPENAI, other.key_id).total_requests >= 1
+        assert pool.server_time() > 0
+        pool.remove_key(OPENAI, "b")
+        pool.remove_key(OPENAI, "a")
+
+    async def main() -> None:
+        async with AsyncKeyPool(settings=KeyPoolSettings(redis_url=url, namespace=NS)) as apool:
+            await apool.add_key(OPENAI, "c", "sk-" + uuid.uuid4().hex * 2)
+            async with apool.acquire(OPENAI) as lease:
+                assert lease.key_id == "c"
+            await apool.snapshot()
+
+    asyncio.run(main())

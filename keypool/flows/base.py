@@ -112,6 +112,11 @@ class FlowBase:
                     f"in namespace {self.namespace!r}: see the README's ACL line "
                     f"({type(exc).__name__})"
                 )
+            if "db index is out of range" in text.lower() or "invalid db index" in text.lower():
+                return ConfigError(
+                    f"the store URL {redact_url(self.url)} names a database "
+                    "the server does not have (DB index out of range)"
+                )
             # redis-py strips the code from the messages of the errors it has classes for
             # (ClusterDownError, MasterDownError, TryAgainError): test the classes too
             if isinstance(exc, STORE_BUSY) or text.startswith(

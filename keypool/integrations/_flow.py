@@ -17,11 +17,11 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from ..validate import seconds_arg, tokens_arg
 from ..errors import NoKeyAvailable
 from ..kinds import ErrorKind
 from ..providers import normalize_provider, validate_model
 from ..settings import STRATEGIES
+from ..validate import seconds_arg, tokens_arg
 from ._keepalive import Hold
 from ._usage import Usage, UsageMeter
 
