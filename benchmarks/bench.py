@@ -65,6 +65,27 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         10000: make_pool(url, ns, 10000, "p10k"),
     }
     providers = {10: "openai", 1000: "p1k", 10000: "p10k"}
+    # model routing: a model assigned to 10 or 5,000 keys of a provider
+    routed = {10: make_pool(url, ns, 10, "m10"), 5000: make_pool(url, ns, 5000, "m5k")}
+    for size, p in routed.items():
+        prov = "m10" if size == 10 else "m5k"
+        p.add_keys(
+            ((prov, f"k{i:05d}", f"bench-secret-{prov}-{i}") for i in range(size)),
+            models=["routed"],
+            **BUDGETS,
+        )
+    # every limit scope in play: the key, the key for the model, the account, the account
+    # for the model
+    scoped = make_pool(url, ns, 0, "scoped")
+    scoped.add_keys(
+        (("scoped", f"k{i:05d}", f"bench-secret-scoped-{i}") for i in range(10)),
+        account="acct",
+        **BUDGETS,
+    )
+    scoped.set_limits("scoped", account="acct", rpm=10**9, tpm=10**12)
+    scoped.set_limits("scoped", account="acct", model="m", rpm=10**9, tpm=10**12)
+    for i in range(10):
+        scoped.set_limits("scoped", key_id=f"k{i:05d}", model="m", rpm=10**9, tpm=10**12)
 
     limiter: Any = None
     try:
@@ -89,6 +110,9 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         pool.acquire("openai", tokens=10).success(tokens=10)
         for size, p in sizes.items():
             p.acquire(providers[size]).success()
+        for size, p in routed.items():
+            p.acquire(model="routed").success()
+        scoped.acquire("scoped", model="m", tokens=10).success(tokens=10)
 
     for r in range(rounds):
         steps: list[Callable[[], None]] = []
@@ -123,6 +147,24 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
                 timed(lambda: p.acquire(prov, tokens=10).success(tokens=10), batch, add(name))
 
             steps.append(sized)
+        for size, p in routed.items():
+            name = f"acquire+success, model of {size:,} keys"
+
+            def by_model(p: KeyPool = p, name: str = name) -> None:
+                timed(
+                    lambda: p.acquire(model="routed", tokens=10).success(tokens=10),
+                    batch,
+                    add(name),
+                )
+
+            steps.append(by_model)
+        steps.append(
+            lambda: timed(
+                lambda: scoped.acquire("scoped", model="m", tokens=10).success(tokens=10),
+                batch,
+                add("acquire+success, 4 scopes"),
+            )
+        )
         # rotate the order each round so no operation always runs first or last
         shift = r % len(steps)
         for step in steps[shift:] + steps[:shift]:
@@ -348,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         "acquire+success p50 <= 2.3 x PING": lat["acquire+success"]["p50_us"] <= 2.3 * ping,
         "10,000 keys <= 1.25 x 10 keys": lat["acquire+success, 10,000 keys"]["p50_us"]
         <= 1.25 * lat["acquire+success, 10 keys"]["p50_us"],
+        "model of 5,000 keys <= 1.25 x model of 10 keys": lat[
+            "acquire+success, model of 5,000 keys"
+        ]["p50_us"]
+        <= 1.25 * lat["acquire+success, model of 10 keys"]["p50_us"],
+        "4 scopes <= 1.3 x plain acquire+success": lat["acquire+success, 4 scopes"]["p50_us"]
+        <= 1.3 * lat["acquire+success"]["p50_us"],
         "import 10,000 keys <= 2 s": mem["import_10k_s"] <= 2.0,
         "memory per key <= 2 KiB": mem["bytes_per_key"] <= 2048,
     }

@@ -13,7 +13,7 @@ from .core import PoolCore
 from .lease import AsyncLease
 from .ops import Cmd, CmdMany, Flow, Invoke, Picked, Run, RunMany, Sleep
 from .settings import KeyPoolSettings
-from .stats import KeyStats
+from .stats import KeyStats, ScopeStats
 from .store import open_store_async
 
 __all__ = ["AcquireContext", "AsyncKeyPool"]
@@ -194,11 +194,19 @@ class AsyncKeyPool(PoolCore):
         rpd: int | None = None,
         max_concurrency: int | None = None,
         models: Iterable[str] | str = (),
+        account: str | None = None,
     ) -> None:
         """See :meth:`KeyPool.add_key`."""
         await self._adrive(
             self._add_keys_flow(
-                [(provider, key_id, secret)], weight, rpm, tpm, rpd, max_concurrency, models
+                [(provider, key_id, secret)],
+                weight,
+                rpm,
+                tpm,
+                rpd,
+                max_concurrency,
+                models,
+                account=account,
             )
         )
 
@@ -212,11 +220,14 @@ class AsyncKeyPool(PoolCore):
         rpd: int | None = None,
         max_concurrency: int | None = None,
         models: Iterable[str] | str = (),
+        account: str | None = None,
     ) -> int:
         """See :meth:`KeyPool.add_keys`."""
         return int(
             await self._adrive(
-                self._add_keys_flow(entries, weight, rpm, tpm, rpd, max_concurrency, models)
+                self._add_keys_flow(
+                    entries, weight, rpm, tpm, rpd, max_concurrency, models, account=account
+                )
             )
         )
 
@@ -304,6 +315,38 @@ class AsyncKeyPool(PoolCore):
     async def server_time(self) -> float:
         """See :meth:`KeyPool.server_time`."""
         result: float = await self._adrive(self._server_time_flow())
+        return result
+
+    async def set_limits(
+        self,
+        provider: object,
+        *,
+        key_id: str | None = None,
+        account: str | None = None,
+        model: str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        rpd: int | None = None,
+        tpd: int | None = None,
+        itpm: int | None = None,
+        otpm: int | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        """See :meth:`KeyPool.set_limits`."""
+        limits = {
+            "rpm": rpm,
+            "tpm": tpm,
+            "rpd": rpd,
+            "tpd": tpd,
+            "itpm": itpm,
+            "otpm": otpm,
+            "max_concurrency": max_concurrency,
+        }
+        await self._adrive(self._set_limits_flow(provider, key_id, account, model, limits))
+
+    async def scopes(self, provider: object) -> list[ScopeStats]:
+        """See :meth:`KeyPool.scopes`."""
+        result: list[ScopeStats] = await self._adrive(self._scopes_flow(provider))
         return result
 
     async def mark_success(

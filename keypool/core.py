@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from .flows.admin import AdminFlows
 from .flows.call import CallFlows
+from .flows.limits import LimitFlows
 from .flows.read import ReadFlows
 from .flows.report import ReportFlows
 
 __all__ = ["PoolCore"]
 
 
-class PoolCore(CallFlows, ReportFlows, AdminFlows, ReadFlows):
+class PoolCore(CallFlows, ReportFlows, AdminFlows, ReadFlows, LimitFlows):
     """State and operations shared by the sync and async pools."""

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .classify import Failure, classify
+from .flows.report import scope_arg
 from .ops import Picked
 from .validate import seconds_arg, tokens_arg
 
@@ -120,15 +121,22 @@ class Lease(_LeaseBase):
         *,
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
+        scope: str | None = None,
     ) -> Failure:
         """The call failed. ``error`` is an :class:`ErrorKind`, an HTTP status or the
         exception; ``retry_after`` (seconds) or the response ``headers`` say how long the
-        provider wants the key left alone. Returns the classification."""
+        provider wants the key left alone. ``scope`` says what a rate limit or quota cools:
+        ``"model"`` (this key for the lease's model: the default for a rate limit on a lease
+        for a model), ``"key"`` (the key for every model), ``"account"`` (every key of the
+        key's account: the default for a quota). Returns the classification."""
+        scope_arg(scope)
         failure = classify(error, retry_after=retry_after, headers=headers)
         if not self._closed:
             self._closed = True
             self._pool._drive(
-                self._pool._lease_report_flow(self._picked, failure.kind.value, failure=failure)
+                self._pool._lease_report_flow(
+                    self._picked, failure.kind.value, failure=failure, scope=scope
+                )
             )
         return failure
 
@@ -193,13 +201,17 @@ class AsyncLease(_LeaseBase):
         *,
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
+        scope: str | None = None,
     ) -> Failure:
         """See :meth:`Lease.fail`."""
+        scope_arg(scope)
         failure = classify(error, retry_after=retry_after, headers=headers)
         if not self._closed:
             self._closed = True
             await self._pool._adrive(
-                self._pool._lease_report_flow(self._picked, failure.kind.value, failure=failure)
+                self._pool._lease_report_flow(
+                    self._picked, failure.kind.value, failure=failure, scope=scope
+                )
             )
         return failure
 

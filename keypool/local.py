@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Held", "LocalState", "new_lease_id"]
 
@@ -49,6 +50,7 @@ class Held:
     maxc: int
     models: set[str]
     keep_config: bool = False  # weight and limits not given: keep what the store has
+    account: str = ""  # '' : keep the key's account in the store
 
 
 class LocalState:
@@ -61,6 +63,7 @@ class LocalState:
         self._unusable_why: dict[str, str] = {}
         self._epochs: dict[str, str] = {}
         self._models: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._limits: dict[str, dict[tuple[str, str, str], Any]] = {}
 
     # ---------------------------------------------------------------- held keys
 
@@ -72,6 +75,8 @@ class LocalState:
             previous = keys.get(key_id)
             if previous is not None and previous.fp == held.fp:
                 held.models |= previous.models
+            if previous is not None and not held.account:
+                held.account = previous.account
             if previous is not None and held.keep_config and not previous.keep_config:
                 held.weight, held.rpm, held.tpm = previous.weight, previous.rpm, previous.tpm
                 held.rpd, held.maxc, held.keep_config = previous.rpd, previous.maxc, False
@@ -107,6 +112,17 @@ class LocalState:
             held = self._held.get(provider, {}).get(key_id)
             if held is not None:
                 (held.models.add if assigned else held.models.discard)(model)
+
+    # ---------------------------------------------------------------- limit scopes set here
+
+    def remember_limits(self, provider: str, where: tuple[str, str, str], call: Any) -> None:
+        """Keep a ``set_limits`` made here, to set again if the store loses its state."""
+        with self._lock:
+            self._limits.setdefault(provider, {})[where] = call
+
+    def limits_set(self, provider: str) -> list[Any]:
+        with self._lock:
+            return list(self._limits.get(provider, {}).values())
 
     # ---------------------------------------------------------------- unusable keys
 

@@ -16,7 +16,7 @@ from .lease import Lease
 from .ops import Cmd, CmdMany, Flow, Invoke, Run, RunMany, Sleep
 from .protocol import Report, parse_report
 from .settings import KeyPoolSettings
-from .stats import KeyStats
+from .stats import KeyStats, ScopeStats
 from .store import is_embedded, open_store
 
 __all__ = ["KeyPool"]
@@ -196,13 +196,21 @@ class KeyPool(PoolCore):
         rpd: int | None = None,
         max_concurrency: int | None = None,
         models: Iterable[str] | str = (),
+        account: str | None = None,
     ) -> None:
         """Register a key, or update it in place (idempotent upsert: its counters and state
         are kept). Limits: requests per minute, tokens per minute, requests per day, leases
         at once. ``models``: models this key serves (see :meth:`assign_model`)."""
         self._drive(
             self._add_keys_flow(
-                [(provider, key_id, secret)], weight, rpm, tpm, rpd, max_concurrency, models
+                [(provider, key_id, secret)],
+                weight,
+                rpm,
+                tpm,
+                rpd,
+                max_concurrency,
+                models,
+                account=account,
             )
         )
 
@@ -216,12 +224,15 @@ class KeyPool(PoolCore):
         rpd: int | None = None,
         max_concurrency: int | None = None,
         models: Iterable[str] | str = (),
+        account: str | None = None,
     ) -> int:
         """Register many ``(provider, key_id, secret)`` at once, pipelined, with the same
         options; every entry is checked before anything is written. Returns the count."""
         return int(
             self._drive(
-                self._add_keys_flow(entries, weight, rpm, tpm, rpd, max_concurrency, models)
+                self._add_keys_flow(
+                    entries, weight, rpm, tpm, rpd, max_concurrency, models, account=account
+                )
             )
         )
 
@@ -316,6 +327,42 @@ class KeyPool(PoolCore):
         :class:`NoKeyAvailable` when none can serve now."""
         picked = self._drive(self._acquire_flow(provider, model, strategy, 0, None, False))
         return picked.key_id, picked.secret
+
+    def set_limits(
+        self,
+        provider: object,
+        *,
+        key_id: str | None = None,
+        account: str | None = None,
+        model: str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        rpd: int | None = None,
+        tpd: int | None = None,
+        itpm: int | None = None,
+        otpm: int | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        """Set the limits of one scope: a key (``key_id``), a key for one model (``key_id``
+        and ``model``), an account (``account``) or an account for one model. Every scope
+        that applies must admit an acquire, and each is charged in the same script. A limit
+        given as ``None`` is kept, 0 removes it."""
+        limits = {
+            "rpm": rpm,
+            "tpm": tpm,
+            "rpd": rpd,
+            "tpd": tpd,
+            "itpm": itpm,
+            "otpm": otpm,
+            "max_concurrency": max_concurrency,
+        }
+        self._drive(self._set_limits_flow(provider, key_id, account, model, limits))
+
+    def scopes(self, provider: object) -> list[ScopeStats]:
+        """The limit scopes of the provider (accounts, accounts for a model, keys for a model)
+        and what each is doing."""
+        result: list[ScopeStats] = self._drive(self._scopes_flow(provider))
+        return result
 
     def mark_success(
         self,

@@ -27,6 +27,8 @@ __all__ = [
     "Report",
     "ReportReply",
     "ScriptCall",
+    "SetLimits",
+    "ShowLimits",
     "Stats",
     "parse_acquire",
     "parse_admin",
@@ -141,7 +143,8 @@ class Report(ScriptCall):
     latency_ms: float | None
     retry_after_ms: int | None
     detail: str
-    cooldowns: tuple[int, int, int, int, int, int]  # see ReportConfig
+    cooldowns: tuple[int, int, int, int, int, int]  # ARGV[12..17] of report.lua
+    scope: str = ""  # key | model | account; '' as the failure says
 
     def argv(self) -> list[Any]:
         return [
@@ -156,6 +159,7 @@ class Report(ScriptCall):
             _optional(self.retry_after_ms),
             self.detail,
             *self.cooldowns,
+            self.scope,
         ]
 
 
@@ -194,6 +198,7 @@ class Register(ScriptCall):
     new_epoch: str
     models_json: str
     budgets_spent: bool
+    account: str  # '' keeps the key's account
 
     def argv(self) -> list[Any]:
         return [
@@ -208,6 +213,7 @@ class Register(ScriptCall):
             self.new_epoch,
             self.models_json,
             _flag(self.budgets_spent),
+            self.account,
         ]
 
 
@@ -264,6 +270,36 @@ def parse_admin(reply: list[Any]) -> AdminReply:
         return AdminReply(False)
     emptied = tuple(reply[2]) if len(reply) > 2 else ()
     return AdminReply(True, bool(int(reply[1])), emptied)
+
+
+# ---------------------------------------------------------------------- limits.lua
+
+LIMIT_NAMES = ("rpm", "tpm", "rpd", "tpd", "itpm", "otpm", "max_concurrency")
+
+
+@dataclass(frozen=True, slots=True)
+class SetLimits(ScriptCall):
+    """``limits.lua`` set: the limits of one scope (``None`` keeps a limit, 0 removes it)."""
+
+    script: ClassVar[scripts.Script] = scripts.LIMITS
+
+    scope: str  # key | key_model | account | account_model
+    owner: str  # the key id, or the account
+    model: str
+    limits: tuple[int | None, ...]  # in LIMIT_NAMES' order
+
+    def argv(self) -> list[Any]:
+        return ["set", self.scope, self.owner, self.model, *(_optional(v) for v in self.limits)]
+
+
+@dataclass(frozen=True, slots=True)
+class ShowLimits(ScriptCall):
+    """``limits.lua`` show: every limit scope of the provider."""
+
+    script: ClassVar[scripts.Script] = scripts.LIMITS
+
+    def argv(self) -> list[Any]:
+        return ["show"]
 
 
 # ---------------------------------------------------------------------- stats.lua

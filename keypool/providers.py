@@ -74,6 +74,18 @@ def validate_key_id(key_id: object) -> str:
     return key_id
 
 
+def validate_account(account: object) -> str:
+    """Return ``account`` if it is a valid account name (the key id rules), else raise."""
+    if not isinstance(account, str):
+        raise TypeError(f"invalid account {_typed(account)}: expected a str")
+    if not KEY_ID_RE.fullmatch(account):
+        raise ValueError(
+            f"invalid account {shown(account)}: expected 1-64 characters matching "
+            r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+        )
+    return account
+
+
 def validate_model(model: object) -> str:
     """Return ``model`` if it is a valid model name, else raise ``ValueError``/``TypeError``."""
     if not isinstance(model, str):

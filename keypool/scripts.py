@@ -28,6 +28,7 @@ from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 __all__ = [
     "ACQUIRE",
     "ADMIN",
+    "LIMITS",
     "REGISTER",
     "RELOADS",
     "REPORT",
@@ -42,7 +43,7 @@ __all__ = [
     "with_reload",
 ]
 
-_NAMES = ("acquire", "report", "register", "admin", "stats")
+_NAMES = ("acquire", "report", "register", "admin", "stats", "limits")
 
 
 def _lua_dir() -> Path:
@@ -257,3 +258,4 @@ REPORT = Script("report")
 REGISTER = Script("register")
 ADMIN = Script("admin")
 STATS = Script("stats")
+LIMITS = Script("limits")

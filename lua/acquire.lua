@@ -60,28 +60,45 @@ local cost = { req = 1, tok = math.max(tokens, inp + out), inp = inp, out = out 
 local earliest = NEVER   -- earliest time a skipped key could take this request
 local why_none = 'no_keys'
 
--- Can the key take this request now? Parks keys that cannot take any request.
+-- Can the key (and every limit scope that applies: its account, the account for the model,
+-- the key for the model) take this request now? Parks keys that cannot take any request.
 local function admits(s)
   local at, why = budgets_at(s, cost, now)
-  if at <= now then return true end
-  if budgets_at(s, ONE_REQUEST, now) > now then
-    replace(s, {}, now)   -- spent for every request: out of the rotation until it refills
+  local scoped = scopes_for(s, model)
+  for i = 1, #scoped do
+    local t, twhy = scope_at(scoped[i][2], cost, now)
+    if t > at then at, why = t, twhy end
+  end
+  if at <= now then return true, scoped end
+  if available_at(s, now) > now then
+    replace(s, {}, now)   -- can take no request at all: out of the rotation until then
   end
   if at < earliest then earliest = at end
   why_none = why
   return false
 end
 
-local function take(s)
+local function take(s, scoped)
   local w = {}
   budgets_charge(s, w, cost, now)
+  local held = ''
+  for i = 1, #scoped do
+    local letter, h = scoped[i][1], scoped[i][2]
+    local hw = {}
+    budgets_charge(h, hw, cost, now)
+    if ttl > 0 and h.maxc > 0 then
+      set(h, hw, 'inflight', h.inflight + 1)
+      held = held .. letter
+    end
+    scope_flush(h, hw)
+  end
   -- Round-robin is least-recently-served order: exact rotation, ties impossible because
   -- each script runs at its own TIME.
   set(s, w, 'pass', math.max(NOW_US - EPOCH_US, s.pass + 1))
   set(s, w, 'wpass', s.wpass + 1 / math.max(s.weight, 1e-6))
   set(s, w, 'total', s.total + 1)
   set(s, w, 'last_used', now)
-  local rec = record(s.id, cost.tok, inp, out, ttl, model)
+  local rec = record(s.id, cost.tok, inp, out, ttl, model, s.acct, held)
   if ttl > 0 then
     local expiry = now + ttl
     redis.call('ZADD', K_LEASES, expiry, call_id)
@@ -101,7 +118,7 @@ local function take(s)
   return { 'OK', s.id, s.fp, s.sealed, now }
 end
 
-local fallback = nil   -- the avoided key, when it is the only one that could serve
+local fallback, fallback_scoped = nil, nil   -- the avoided key, when only it could serve
 
 local function consider(id)
   if unusable[id] then return nil end
@@ -110,12 +127,13 @@ local function consider(id)
     for j = 1, #ACTIVE do redis.call('ZREM', STRATEGY_ZSETS[ACTIVE[j]], id) end
     return nil
   end
-  if not admits(s) then return nil end
+  local ok, scoped = admits(s)
+  if not ok then return nil end
   if id == avoid then
-    fallback = s
+    fallback, fallback_scoped = s, scoped
     return nil
   end
-  return s
+  return s, scoped
 end
 
 local function none()
@@ -135,6 +153,11 @@ local function consider_waiting(id, wait_score)
   if at == 0 then at = wait_score end
   local b = budgets_at(s, cost, now)
   if b > at then at = b end
+  local scoped = scopes_for(s, model)
+  for i = 1, #scoped do
+    b = scope_at(scoped[i][2], cost, now)
+    if b > at then at = b end
+  end
   if at < earliest then
     earliest = at
     why_none = (why ~= '' and why) or 'cooling'
@@ -154,10 +177,10 @@ if model ~= '' then
       return a[2] < b[2]
     end)
     for i = 1, #ranked do
-      local s = consider(ranked[i][2])
-      if s then return take(s) end
+      local s, scoped = consider(ranked[i][2])
+      if s then return take(s, scoped) end
     end
-    if fallback then return take(fallback) end
+    if fallback then return take(fallback, fallback_scoped) end
     for i = 1, #members do
       local sc = redis.call('ZSCORE', K_WAIT, members[i])
       if sc then consider_waiting(members[i], tonumber(sc)) end
@@ -177,14 +200,14 @@ while true do
   if #batch == 0 then break end
   local parked = 0
   for i = 1, #batch do
-    local s = consider(batch[i])
-    if s then return take(s) end
+    local s, scoped = consider(batch[i])
+    if s then return take(s, scoped) end
     if not redis.call('ZSCORE', zset, batch[i]) then parked = parked + 1 end
   end
   -- keys parked by `admits` left the set: continue from where the survivors end
   start = start + #batch - parked
 end
-if fallback then return take(fallback) end
+if fallback then return take(fallback, fallback_scoped) end
 
 local waiting = redis.call('ZRANGE', K_WAIT, 0, 63, 'WITHSCORES')
 for i = 1, #waiting, 2 do

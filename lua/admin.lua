@@ -86,8 +86,17 @@ elseif action == 'remove' then
     redis.call('SREM', model_set(models[i]), id)
     if redis.call('EXISTS', model_set(models[i])) == 0 then emptied[#emptied + 1] = models[i] end
   end
+  if s.acct ~= '' then redis.call('SREM', account_set(s.acct), id) end
+  local mine_prefix = 'km:' .. id .. ':'
+  local scopes = redis.call('SMEMBERS', PREFIX .. 'scopes')
+  for i = 1, #scopes do
+    if string.sub(scopes[i], 1, #mine_prefix) == mine_prefix then
+      redis.call('DEL', PREFIX .. 's:' .. scopes[i])
+      redis.call('SREM', PREFIX .. 'scopes', scopes[i])
+    end
+  end
   redis.call('DEL', h, key_leases(id))
-  keep_record(call_id, record(id, 0, 0, 0, 0, ''), now + KEEP_RECORD_MS)
+  keep_record(call_id, record(id, 0, 0, 0, 0, '', '', ''), now + KEEP_RECORD_MS)
   return { 'OK', 1, emptied }
 elseif action == 'assign' or action == 'unassign' then
   local models = cjson.decode(s.models or '[]')

@@ -22,6 +22,11 @@
 --   k:<id>      hash  one key: configuration and state, one plain field each (HGETALL)
 --   kl:<id>     zset  the key's open lease ids -> expiry (keys with max_concurrency only)
 --   m:<model>   set   key ids assigned to a model
+--   ak:<account>  set  key ids of an account
+--   scopes      set   names of the limit scopes below that exist
+--   s:a:<account>, s:am:<account>:<model>, s:km:<key_id>:<model>   hash  a limit scope
+--                     (an account, an account for one model, a key for one model): its
+--                     limits, budget times, in-flight and cooldown, in the key hash's names
 -- A key hash's `loc` says where the key is: 'r' in the strategy sets, 'w' in wait,
 -- '' nowhere (disabled). All time is Redis TIME, in milliseconds.
 
@@ -48,6 +53,7 @@ end
 local function key_hash(id) return PREFIX .. 'k:' .. id end
 local function key_leases(id) return PREFIX .. 'kl:' .. id end
 local function model_set(model) return PREFIX .. 'm:' .. model end
+local function account_set(account) return PREFIX .. 'ak:' .. account end
 
 -- Remember the earliest time housekeeping has work to do (only for a pool that exists:
 -- a read of an unknown provider writes nothing).
@@ -94,6 +100,45 @@ end
 
 local function flush(s, w)
   if #w > 0 then redis.call('HSET', key_hash(s.id), unpack(w)) end
+end
+
+-- ---------------------------------------------------------------- limit scopes
+
+local SCOPE_CACHE = {}   -- scope suffix -> state table, or false when absent (per call)
+
+-- A limit scope's state ("a:<account>", "am:<account>:<model>", "km:<key_id>:<model>"),
+-- or false when it does not exist.
+local function load_scope(name)
+  local cached = SCOPE_CACHE[name]
+  if cached ~= nil then return cached end
+  local raw = redis.call('HGETALL', PREFIX .. 's:' .. name)
+  local h = false
+  if #raw > 0 then
+    h = { name = name, why = '' }
+    for n, default in pairs(NUMBERS) do h[n] = default end
+    for i = 1, #raw, 2 do
+      if NUMBERS[raw[i]] then h[raw[i]] = tonumber(raw[i + 1]) or 0 else h[raw[i]] = raw[i + 1] end
+    end
+  end
+  SCOPE_CACHE[name] = h
+  return h
+end
+
+local function scope_flush(h, w)
+  if #w > 0 then
+    redis.call('HSET', PREFIX .. 's:' .. h.name, unpack(w))
+    redis.call('SADD', PREFIX .. 'scopes', h.name)
+  end
+end
+
+-- A scope made on first use (a cooldown for a key and model, an account's limits).
+local function scope_or_new(name)
+  local h = load_scope(name)
+  if h then return h end
+  h = { name = name, why = '' }
+  for n, default in pairs(NUMBERS) do h[n] = default end
+  SCOPE_CACHE[name] = h
+  return h
 end
 
 -- ---------------------------------------------------------------- budgets (GCRA)
@@ -184,6 +229,21 @@ end
 
 local ONE_REQUEST = { req = 1, tok = 0, inp = 0, out = 0 }
 
+-- When could scope h take a request of `cost`? 0 = now. Also says why.
+local function scope_at(h, cost, now)
+  local at, why = 0, ''
+  if h['until'] > now then at, why = h['until'], h.why end
+  local b, bwhy = budgets_at(h, cost, now)
+  if b > at then at, why = b, bwhy end
+  if h.maxc > 0 and h.inflight >= h.maxc then
+    local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+    local t = first[2] and tonumber(first[2]) or NEVER
+    if t > at then at, why = t, 'concurrency' end
+  end
+  if at <= now then return 0, '' end
+  return at, why
+end
+
 -- When could the key take a request again (ignoring its size)? 0 = now, NEVER = not
 -- before an operator acts. Also says why.
 local function available_at(s, now)
@@ -198,6 +258,13 @@ local function available_at(s, now)
   if s.maxc > 0 and s.inflight >= s.maxc then
     b = first_lease_expiry(s.id)
     if b > at then at, why = b, 'concurrency' end
+  end
+  if s.acct ~= '' then   -- the key's account, for any model
+    local a = load_scope('a:' .. s.acct)
+    if a then
+      b, bwhy = scope_at(a, ONE_REQUEST, now)
+      if b > at then at, why = b, bwhy end
+    end
   end
   if at <= now then return 0, '' end
   return at, why
@@ -266,18 +333,60 @@ local function replace(s, w, now)
   return at, why
 end
 
+-- Re-place every key of an account (its limits or cooldown changed).
+local function replace_account(acct, now)
+  local ids = redis.call('SMEMBERS', account_set(acct))
+  for i = 1, #ids do
+    local s = load(ids[i])
+    if s then replace(s, {}, now) end
+  end
+end
+
+-- The limit scopes that apply to a request on key s for `model` ('' = any): the
+-- account's, the account's for the model, the key's for the model (those that exist).
+-- Each entry: {letter, state}.
+local function scopes_for(s, model)
+  local out = {}
+  if s.acct ~= '' then
+    local a = load_scope('a:' .. s.acct)
+    if a then out[#out + 1] = { 'a', a } end
+    if model ~= '' then
+      local am = load_scope('am:' .. s.acct .. ':' .. model)
+      if am then out[#out + 1] = { 'm', am } end
+    end
+  end
+  if model ~= '' then
+    local km = load_scope('km:' .. s.id .. ':' .. model)
+    if km then out[#out + 1] = { 'k', km } end
+  end
+  return out
+end
+
+-- The scope a record's letter names.
+local function scope_of(letter, key_id, acct, model)
+  if letter == 'a' then return load_scope('a:' .. acct) end
+  if letter == 'm' then return load_scope('am:' .. acct .. ':' .. model) end
+  return load_scope('km:' .. key_id .. ':' .. model)
+end
+
 -- ---------------------------------------------------------------- leases and records
 
--- A call's record: which key served it and what it reserved.
-local function record(key_id, tok, inp, out, ttl, model)
-  return key_id .. '\n' .. tok .. ' ' .. inp .. ' ' .. out .. ' ' .. ttl .. '\n' .. model
+-- A call's record: which key served it, what it reserved, the key's account ('-': none)
+-- and the scopes whose in-flight count it holds (letters: a account, m account·model,
+-- k key·model; '-': none).
+local function record(key_id, tok, inp, out, ttl, model, acct, held)
+  return key_id .. '\n' .. tok .. ' ' .. inp .. ' ' .. out .. ' ' .. ttl .. ' ' ..
+    ((acct or '') ~= '' and acct or '-') .. ' ' .. ((held or '') ~= '' and held or '-') ..
+    '\n' .. model
 end
 
 local function parse_record(r)
-  local key_id, tok, inp, out, ttl, model = string.match(r, '^([^\n]*)\n(%S+) (%S+) (%S+) (%S+)\n(.*)$')
+  local key_id, tok, inp, out, ttl, acct, held, model =
+    string.match(r, '^([^\n]*)\n(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)\n(.*)$')
   if not key_id then return nil end
   return { key_id = key_id, tok = tonumber(tok), inp = tonumber(inp), out = tonumber(out),
-    ttl = tonumber(ttl), model = model }
+    ttl = tonumber(ttl), model = model, acct = acct ~= '-' and acct or '',
+    held = held ~= '-' and held or '' }
 end
 
 -- Keep a record (without an open lease) until `forget_at`, to recognise a repeated call.
@@ -319,7 +428,16 @@ local function housekeeping(now)
     local r = rec and parse_record(rec)
     local s = r and load(r.key_id)
     local w = {}
-    close_lease(s, w, lease_id)
+    if close_lease(s, w, lease_id) and r then
+      for letter in string.gmatch(r.held, '%a') do
+        local h = scope_of(letter, r.key_id, r.acct, r.model)
+        if h then
+          local hw = {}
+          set(h, hw, 'inflight', math.max(0, h.inflight - 1))
+          scope_flush(h, hw)
+        end
+      end
+    end
     if s then replace(s, w, now) end
     -- a report may still come (the call did run): it is counted, once
     if rec then keep_record(lease_id, rec, now + KEEP_RECORD_MS) end
@@ -378,6 +496,7 @@ local function begin(keys, args)
     STRATEGY_ZSETS = { PREFIX .. 'rr', PREFIX .. 'wrr', PREFIX .. 'best', PREFIX .. 'busy', PREFIX .. 'lat' }
     BEGUN_PREFIX, BEGUN_ZS = args[1], nil
   end
+  SCOPE_CACHE = {}
   local meta = redis.call('HMGET', K_META, 'epoch', 'zs', 'due')
   EPOCH = meta[1]
   local zs = meta[2] or ''

@@ -17,6 +17,8 @@
 -- ARGV[11]  JSON array of models to assign the key to (may be '[]')
 -- ARGV[12]  '1': a new key starts with its budgets spent (put back after the pool's state
 --           was lost), '' : with its budgets full
+-- ARGV[13]  account the key belongs to ('' = keep the key's; a new key: none); its keys
+--           share the account's limit scopes
 --
 -- Reply: {epoch, 'created' | 'updated' | 'rekeyed'} or {'DUP', key_id_holding_the_secret}
 
@@ -77,6 +79,12 @@ for i = 1, 5 do
   if v ~= '' then set(s, w, names[i], tonumber(v)) end
 end
 if result == 'created' and ARGV[12] == '1' then budgets_spend_all(s, w, now) end
+local account = ARGV[13] or ''
+if account ~= '' and account ~= s.acct then
+  if s.acct ~= '' then redis.call('SREM', account_set(s.acct), id) end
+  redis.call('SADD', account_set(account), id)
+  set(s, w, 'acct', account)
+end
 
 local models = cjson.decode(ARGV[11])
 if #models > 0 then

@@ -22,6 +22,9 @@
 -- ARGV[15]  consecutive failures that open the circuit
 -- ARGV[16]  first circuit-open cooldown, ms
 -- ARGV[17]  circuit-open cooldown cap, ms
+-- ARGV[18]  scope a rate limit or quota cools: key | model | account; '' = as the failure
+--           says: a rate limit on a lease for a model cools that key for that model only,
+--           a quota the key's account when it has one, anything else the key
 --
 -- Reply: {'OK', event, why_unavailable, available_at_ms (0 = now, -1 = never), now_ms}
 --   event: '' | 'cooldown_set' | 'cooldown_extended' | 'key_exhausted' | 'key_disabled' |
@@ -38,6 +41,7 @@ local detail = ARGV[11]
 local rl_base, rl_cap = tonumber(ARGV[12]), tonumber(ARGV[13])
 local quota_ms, threshold = tonumber(ARGV[14]), tonumber(ARGV[15])
 local cb_base, cb_cap = tonumber(ARGV[16]), tonumber(ARGV[17])
+local scope = ARGV[18] or ''
 
 local now = now_ms()
 local s = load(id)
@@ -53,30 +57,63 @@ end
 
 local w = {}
 local est = { tok = 0, inp = 0, out = 0 }
+local model, acct = '', s.acct
+local scoped = {}   -- the limit scopes the call was charged to: {letter, state, writes}
 if leased then
   local r = seen and parse_record(seen)
   if not r or r.key_id ~= id then return { 'DONE' } end
-  close_lease(s, w, call_id)   -- false when it expired: counted now, in-flight untouched
+  local open = close_lease(s, w, call_id)   -- false when it expired: in-flight untouched
   redis.call('HDEL', K_LEASE, call_id)
   redis.call('ZREM', K_DONE, call_id)
   est = { tok = r.tok, inp = r.inp, out = r.out }
+  model, acct = r.model, r.acct
+  for _, entry in ipairs(scopes_for({ id = id, acct = acct }, model)) do
+    local hw = {}
+    if open and string.find(r.held, entry[1], 1, true) then
+      set(entry[2], hw, 'inflight', math.max(0, entry[2].inflight - 1))
+    end
+    scoped[#scoped + 1] = { entry[1], entry[2], hw }
+  end
 else
   if seen then return { 'DONE' } end
-  keep_record(call_id, record(id, 0, 0, 0, 0, ''), now + KEEP_RECORD_MS)
+  keep_record(call_id, record(id, 0, 0, 0, 0, '', acct, ''), now + KEEP_RECORD_MS)
 end
 local event = ''
 
--- Only ever extends a cooldown; returns the event name for the change.
-local function cool(until_ms, why)
+-- Only ever extends a cooldown (of the key, or of a scope h with its writes hw); returns
+-- the event name for the change.
+local function cool(until_ms, why, h, hw)
+  h, hw = h or s, hw or w
   until_ms = math.floor(until_ms)
-  if until_ms > s['until'] then
-    local was = s['until'] > now
-    set(s, w, 'until', until_ms)
-    set(s, w, 'why', why)
+  if until_ms > h['until'] then
+    local was = h['until'] > now
+    set(h, hw, 'until', until_ms)
+    set(h, hw, 'why', why)
     if was then return 'cooldown_extended' end
     return 'cooldown_set'
   end
   return ''
+end
+
+-- Where a rate limit or quota lands: the key, the key for the call's model, or the account.
+local account_cooled = false
+local function cool_scoped(until_ms, why, default)
+  local where = scope ~= '' and scope or default
+  if where == 'model' and model ~= '' then
+    local h = scope_or_new('km:' .. id .. ':' .. model)
+    local hw = {}
+    local event = cool(until_ms, why, h, hw)
+    scope_flush(h, hw)
+    return event
+  elseif where == 'account' and acct ~= '' then
+    local h = scope_or_new('a:' .. acct)
+    local hw = {}
+    local event = cool(until_ms, why, h, hw)
+    scope_flush(h, hw)
+    account_cooled = event ~= ''
+    return event
+  end
+  return cool(until_ms, why)
 end
 
 if outcome == 'success' or outcome == 'release' then
@@ -106,6 +143,7 @@ if outcome == 'success' or outcome == 'release' then
   if used.inp > 0 then set(s, w, 'tokens_in', s.tokens_in + math.floor(used.inp)) end
   if used.out > 0 then set(s, w, 'tokens_out', s.tokens_out + math.floor(used.out)) end
   budgets_settle(s, w, est, used, now)
+  for i = 1, #scoped do budgets_settle(scoped[i][2], scoped[i][3], est, used, now) end
 else
   set(s, w, 'err', s.err + 1)
   redis.call('HINCRBY', key_hash(id), 'e:' .. outcome, 1)
@@ -115,9 +153,9 @@ else
     set(s, w, 'rl_strikes', s.rl_strikes + 1)
     local dur = retry_ms
     if not dur then dur = math.min(rl_base * 2 ^ (s.rl_strikes - 1), rl_cap) end
-    event = cool(now + dur, 'rate_limit')
+    event = cool_scoped(now + dur, 'rate_limit', model ~= '' and 'model' or 'key')
   elseif outcome == 'quota' then
-    event = cool(now + (retry_ms or quota_ms), 'quota')
+    event = cool_scoped(now + (retry_ms or quota_ms), 'quota', acct ~= '' and 'account' or 'key')
     if event ~= '' then event = 'key_exhausted' end
   elseif outcome == 'auth' then
     if s.en ~= 0 then
@@ -143,7 +181,9 @@ else
   end
 end
 
+for i = 1, #scoped do scope_flush(scoped[i][2], scoped[i][3]) end
 local at, why = place(s, w, now, 'stats')
 flush(s, w)
+if account_cooled then replace_account(acct, now) end
 if at >= NEVER then at = -1 end
 return { 'OK', event, why, math.floor(at), now }

@@ -307,9 +307,9 @@ def test_async_pool_on_a_cluster(cluster: Cluster, namespace: str) -> None:
             assert set(picks.values()) == {2}
             lease = await apool.acquire(model="m")
             assert (lease.provider, lease.key_id) == (providers[2], "k2")
-            await lease.fail(429, retry_after=30)
+            await lease.fail(429, retry_after=30)  # for model m only
             stats = await apool.stats(providers[2], "k2")
-            assert stats.status == "cooling"
+            assert stats.status == "active" and set(stats.cooling_models) == {"m"}
             snapshot = await apool.snapshot()
             assert len(snapshot) == 6 and sum(s.success_count for s in snapshot) == 12
             assert await apool.providers() == sorted(providers)

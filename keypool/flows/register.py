@@ -15,7 +15,7 @@ from ..local import Held
 from ..log import remember_secret
 from ..ops import Cmd, CmdMany, Flow, Run, RunMany
 from ..protocol import Duplicate, Register, parse_register
-from ..providers import normalize_provider, validate_key_id, validate_model
+from ..providers import normalize_provider, validate_account, validate_key_id, validate_model
 from ..validate import MAX_CONCURRENCY, check_secret, limit_arg, weight_arg
 from .base import FlowBase
 
@@ -35,8 +35,10 @@ class RegisterFlows(FlowBase):
         max_concurrency: int | None,
         models: Iterable[str] | str,
         keep_config: bool = False,
+        account: str | None = None,
     ) -> Flow:
         weight = weight_arg(weight)
+        account_name = validate_account(account) if account is not None else ""
         limits = (
             limit_arg("rpm", rpm),
             limit_arg("tpm", tpm),
@@ -52,7 +54,15 @@ class RegisterFlows(FlowBase):
             name = normalize_provider(provider)
             key_id = validate_key_id(key_id)
             secret = check_secret(key_id, secret)
-            held = Held(secret, fingerprint(secret), weight, *limits, set(model_list), keep_config)
+            held = Held(
+                secret,
+                fingerprint(secret),
+                weight,
+                *limits,
+                set(model_list),
+                keep_config,
+                account_name,
+            )
             other = seen.setdefault((name, held.fp), key_id)
             if other != key_id and keep_config:  # from the environment: the first one wins
                 self._log.warning(
@@ -137,6 +147,7 @@ class RegisterFlows(FlowBase):
             new_epoch=uuid.uuid4().hex[:12],
             models_json=json.dumps(sorted(held.models)),
             budgets_spent=after_loss and self.settings.restart_budgets == "spent",
+            account=held.account,
         )
 
     def _reregister_flow(self, provider: str) -> Flow:
@@ -149,6 +160,8 @@ class RegisterFlows(FlowBase):
         for start in range(0, len(held), _REGISTER_CHUNK):
             chunk = held[start : start + _REGISTER_CHUNK]
             yield from self._register_flow([(provider, k, h) for k, h in chunk], after_loss=True)
+        for call in self._state.limits_set(provider):  # the limit scopes set here, again
+            yield Run(provider, call)
         return True
 
     def _recover_flow(self, provider: str, *key_ids: str) -> Flow:

@@ -12,7 +12,19 @@ from ..protocol import Report, ReportReply, parse_report
 from ..validate import DAY_SECONDS, seconds_arg, tokens_arg
 from .register import RegisterFlows
 
-__all__ = ["ReportFlows"]
+__all__ = ["ReportFlows", "scope_arg"]
+
+SCOPES = ("key", "model", "account")
+
+
+def scope_arg(scope: object) -> str:
+    """The scope a failure cools: None (as the failure says), "key", "model", "account"."""
+    if scope is None:
+        return ""
+    if scope not in SCOPES:
+        raise ValueError(f"invalid scope {scope!r}: expected one of {', '.join(SCOPES)} or None")
+    return str(scope)
+
 
 _WARN_EVENTS = ("key_disabled", "circuit_opened", "key_exhausted")
 
@@ -30,6 +42,7 @@ class ReportFlows(RegisterFlows):
         output_tokens: int | None = None,
         latency: float | None = None,
         failure: Failure | None = None,
+        scope: str = "",
     ) -> Report:
         retry_ms = None
         detail = ""
@@ -51,6 +64,7 @@ class ReportFlows(RegisterFlows):
             retry_after_ms=retry_ms,
             detail=detail,
             cooldowns=self._cooldowns,
+            scope=scope,
         )
 
     def _lease_report_flow(
@@ -62,6 +76,7 @@ class ReportFlows(RegisterFlows):
         failure: Failure | None = None,
         input_tokens: int | None = None,
         output_tokens: int | None = None,
+        scope: str | None = None,
     ) -> Flow:
         """Close a lease with its outcome. A success or a release may go out without
         waiting for its reply (the driver decides: see ``Run.confirm``): the script counts
@@ -76,6 +91,7 @@ class ReportFlows(RegisterFlows):
             output_tokens=output_tokens,
             latency=latency,
             failure=failure,
+            scope=scope_arg(scope),
         )
         raw = yield Run(picked.provider, call, confirm=failure is not None)
         if raw is None:
