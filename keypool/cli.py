@@ -20,7 +20,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias
 
 from redis.exceptions import RedisError
 
@@ -30,7 +31,7 @@ from .errors import ConfigError, KeyPoolError, PoolUnavailable, UnknownKey
 from .fingerprint import derived_key_id, fingerprint
 from .log import redact
 from .pool import KeyPool
-from .providers import normalize_provider, validate_key_id
+from .providers import normalize_provider, shown, validate_key_id
 from .settings import load_settings
 from .stats import KeyStats
 from .store import redact_url
@@ -146,9 +147,9 @@ def _common_options() -> _Parser:
     return common
 
 
-def _limit_options() -> _Parser:
-    limits = _Parser(add_help=False)
-    group = limits.add_argument_group("key options")
+def _key_option_parser() -> _Parser:
+    options = _Parser(add_help=False)
+    group = options.add_argument_group("key options")
     group.add_argument(
         "--weight", type=_positive_float, default=1.0, metavar="W", help="weight (default 1)"
     )
@@ -167,7 +168,7 @@ def _limit_options() -> _Parser:
         metavar="M",
         help="model(s) the key serves (repeatable)",
     )
-    return limits
+    return options
 
 
 def _key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,29 +176,31 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("key_id", metavar="KEY_ID", help="key id, e.g. prod-1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``keypool`` argument parser."""
-    common = _common_options()
-    limits = _limit_options()
-    parser = _Parser(
-        prog="keypool",
-        parents=[common],
-        description="Inspect and manage a keypool: API keys shared through Redis.",
-        epilog=(
-            "Settings come from KEYPOOL_* variables (KEYPOOL_REDIS_URL, KEYPOOL_NAMESPACE, "
-            "KEYPOOL_SECRET_KEY, ...). Exit codes: 0 ok, 1 error, 2 usage, 3 configuration, "
-            "4 store unreachable, 5 unknown key."
-        ),
-    )
-    parser.add_argument("--version", action="version", version=f"keypool {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@dataclass(frozen=True)
+class _Parents:
+    """Option groups shared by sub-commands (argparse ``parents``)."""
 
+    common: _Parser
+    key_options: _Parser
+
+
+# what ``add_subparsers`` returns
+_Commands: TypeAlias = "argparse._SubParsersAction[_Parser]"
+
+
+def _status_command(sub: _Commands, parents: _Parents) -> None:
     status = sub.add_parser(
         "status",
-        parents=[common],
-        help="every key's state, cooldown, in-flight leases, counters and budgets",
+        parents=[parents.common],
+        help="every key's state, cooldown, in-flight leases, counters, tokens and budgets",
         description="Show every key: state and why, cooldown left, in-flight leases, "
-        "requests, errors, budgets left and the last error. Never a secret.",
+        "requests, errors, tokens, budgets left, models and the last error. Never a secret.",
+    )
+    status.add_argument(
+        "provider_name",
+        nargs="?",
+        metavar="PROVIDER",
+        help="only this provider (the same as --provider)",
     )
     status.add_argument("--provider", metavar="P", help="only this provider")
     status.add_argument("--json", action="store_true", help="print a JSON document")
@@ -212,9 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=cmd_status)
 
+
+def _add_command(sub: _Commands, parents: _Parents) -> None:
     add = sub.add_parser(
         "add",
-        parents=[common, limits],
+        parents=[parents.common, parents.key_options],
         help="add (or update) one key; the secret comes from stdin or an env variable",
         description="Add or update one key. The secret is read from stdin (prompted for "
         "without echo on a terminal) or from --from-env VAR; never from the command line.",
@@ -229,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.set_defaults(handler=cmd_add)
 
+
+def _import_command(sub: _Commands, parents: _Parents) -> None:
     imp = sub.add_parser(
         "import",
-        parents=[common, limits],
+        parents=[parents.common, parents.key_options],
         help="add many keys from the environment and/or a file",
         description="Add many keys at once: --env registers the keys found in provider "
         "variables (OPENAI_API_KEY, OPENAI_API_KEYS, HF_<NAME>_KEY, ...); --file reads one "
@@ -247,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.set_defaults(handler=cmd_import)
 
+
+def _key_action_commands(sub: _Commands, parents: _Parents) -> None:
     disable = sub.add_parser(
-        "disable", parents=[common], help="take a key out of service until enabled"
+        "disable", parents=[parents.common], help="take a key out of service until enabled"
     )
     _key_arguments(disable)
     disable.add_argument("--reason", default="", metavar="TEXT", help="why (shown by status)")
@@ -259,22 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
         ("reset", "clear a key's cooldown, circuit, counters and budgets", cmd_reset),
         ("remove", "forget a key, its leases and model assignments", cmd_remove),
     ):
-        action = sub.add_parser(name, parents=[common], help=text, description=text)
+        action = sub.add_parser(name, parents=[parents.common], help=text, description=text)
         _key_arguments(action)
         action.set_defaults(handler=handler)
 
+
+def _model_commands(sub: _Commands, parents: _Parents) -> None:
     for name, text, handler in (
         ("assign-model", "let MODEL be served by this key", cmd_assign_model),
         ("unassign-model", "stop serving MODEL with this key", cmd_unassign_model),
     ):
-        action = sub.add_parser(name, parents=[common], help=text, description=text)
+        action = sub.add_parser(name, parents=[parents.common], help=text, description=text)
         action.add_argument("model", metavar="MODEL", help="model name")
         _key_arguments(action)
         action.set_defaults(handler=handler)
 
+
+def _serve_command(sub: _Commands, parents: _Parents) -> None:
     serve = sub.add_parser(
         "serve",
-        parents=[common],
+        parents=[parents.common],
         help="run the HTTP gateway (pip install 'keypool[server]')",
         description="Run the gateway: /{provider}/... is forwarded to the provider with a "
         "leased key. Clients authenticate with a token of KEYPOOL_PROXY_TOKENS.",
@@ -288,6 +301,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without KEYPOOL_PROXY_TOKENS (only when bound to a loopback address)",
     )
     serve.set_defaults(handler=cmd_serve)
+
+
+# One function per command (or family of commands), in the order ``keypool --help`` lists
+# them. A new command is one more function here: it adds its sub-parser (a command with
+# actions of its own, e.g. ``limits set|show``, adds a nested ``add_subparsers``), sets
+# ``handler`` and, when it names a provider, checks it with ``_require_provider``.
+_COMMANDS: tuple[Callable[[_Commands, _Parents], None], ...] = (
+    _status_command,
+    _add_command,
+    _import_command,
+    _key_action_commands,
+    _model_commands,
+    _serve_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``keypool`` argument parser."""
+    parents = _Parents(common=_common_options(), key_options=_key_option_parser())
+    parser = _Parser(
+        prog="keypool",
+        parents=[parents.common],
+        description="Inspect and manage a keypool: API keys shared through Redis.",
+        epilog=(
+            "Settings come from KEYPOOL_* variables (KEYPOOL_REDIS_URL, KEYPOOL_NAMESPACE, "
+            "KEYPOOL_SECRET_KEY, ...). Exit codes: 0 ok, 1 error, 2 usage, 3 configuration, "
+            "4 store unreachable, 5 unknown key."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"keypool {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(sub, parents)
     return parser
 
 
@@ -485,13 +531,29 @@ def _json_stats(stats: KeyStats) -> dict[str, Any]:
     return out
 
 
+def _status_provider(args: argparse.Namespace) -> str | None:
+    """``status PROVIDER`` and ``status --provider PROVIDER`` are the same; both: must agree."""
+    positional: str | None = args.provider_name
+    option: str | None = args.provider
+    if positional is None and option is None:
+        return None
+    names = {normalize_provider(name) for name in (positional, option) if name is not None}
+    if len(names) > 1:
+        raise UsageError(
+            f"status: PROVIDER {shown(positional or '')} and --provider {shown(option or '')} "
+            "differ: give the provider once"
+        )
+    return names.pop()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     out = sys.stdout
+    provider = _status_provider(args)
     with _open_pool(args, mutating=False) as pool:
         if args.watch is None:
-            frame = render_status(pool, args.provider, as_json=args.json, compact=False)
+            frame = render_status(pool, provider, as_json=args.json, compact=False)
             out.write(frame)
-            if _is_memory(pool) and not pool.snapshot(args.provider):
+            if _is_memory(pool) and not pool.snapshot(provider):
                 _warn(MEMORY_WARNING)
             return EXIT_OK
         tty = _isatty(out)
@@ -500,7 +562,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             while True:
                 try:
                     frame = render_status(
-                        pool, args.provider, as_json=args.json, compact=args.json and not tty
+                        pool, provider, as_json=args.json, compact=args.json and not tty
                     )
                 except PoolUnavailable as exc:
                     if first:

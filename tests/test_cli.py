@@ -157,6 +157,42 @@ def test_status_of_a_provider_without_keys(
     assert "k1" not in out
 
 
+def test_status_takes_the_provider_as_an_argument(
+    live: KeyPool, store: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    live.add_key("openai", "k1", SECRET_A, rpm=9)
+    live.add_key("anthropic", "a1", SECRET_B)
+    with live.acquire("openai") as lease:
+        lease.success(tokens=12)
+
+    def body(out: str) -> str:  # without the first line, which holds the time
+        return out.split("\n", 1)[1]
+
+    code, positional, err = run(capsys, "status", "openai")
+    assert code == 0, err
+    code, option, err = run(capsys, "status", "--provider", "openai")
+    assert code == 0, err
+    assert body(positional) == body(option)
+    assert "openai: 1 key (1 active)" in positional
+    assert set(table_rows(positional)) == {"k1"}
+    assert "anthropic" not in positional
+
+    code, positional, _ = run(capsys, "status", "openai", "--json")
+    assert code == 0
+    code, option, _ = run(capsys, "status", "--json", "--provider", "openai")
+    assert code == 0
+    assert json.loads(positional)["providers"] == json.loads(option)["providers"]
+    assert set(json.loads(positional)["providers"]) == {"openai"}
+
+    # both ways at once: fine when they agree, a usage error when they differ
+    code, out, err = run(capsys, "status", "openai", "--provider", "openai")
+    assert code == 0, err
+    assert set(table_rows(out)) == {"k1"}
+    code, out, err = run(capsys, "status", "openai", "--provider", "anthropic")
+    assert (code, out) == (2, "")
+    assert "PROVIDER 'openai' and --provider 'anthropic' differ" in err
+
+
 def test_status_watch_redraws_until_ctrl_c(
     live: KeyPool,
     store: list[str],
