@@ -58,6 +58,7 @@ IMPORT_CHUNK = 1000
 DEFAULT_WATCH_SECONDS = 2.0
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 _LAST_ERROR_WIDTH = 48
+_MODELS_WIDTH = 40
 MEMORY_WARNING = (
     "memory:// is this process only; set KEYPOOL_REDIS_URL (or --url) to act on a shared pool"
 )
@@ -194,7 +195,8 @@ def _status_command(sub: _Commands, parents: _Parents) -> None:
         parents=[parents.common],
         help="every key's state, cooldown, in-flight leases, counters, tokens and budgets",
         description="Show every key: state and why, cooldown left, in-flight leases, "
-        "requests, errors, tokens, budgets left, models and the last error. Never a secret.",
+        "requests, errors, tokens used, budgets left, models and the last error. Never a "
+        "secret.",
     )
     status.add_argument(
         "provider_name",
@@ -436,6 +438,45 @@ def _last_error(stats: KeyStats, now: float) -> str:
     return text
 
 
+def _tokens(stats: KeyStats) -> str:
+    """Tokens used; with the input/output split when the stats carry it."""
+    text = str(stats.tokens_used)
+    tokens_in = getattr(stats, "tokens_in", None)
+    tokens_out = getattr(stats, "tokens_out", None)
+    if tokens_in is None and tokens_out is None:
+        return text
+    shown_in = "?" if tokens_in is None else str(tokens_in)
+    shown_out = "?" if tokens_out is None else str(tokens_out)
+    return f"{text} ({shown_in} in, {shown_out} out)"
+
+
+def _models(stats: KeyStats) -> str:
+    if not stats.models:
+        return "-"
+    return _shorten_names([" ".join(m.split()) for m in stats.models], _MODELS_WIDTH)
+
+
+def _shorten_names(names: Sequence[str], width: int) -> str:
+    """``a,b,c`` in at most ``width`` characters (about: one very long name is cut), the
+    names that do not fit counted as ``+N more``."""
+    text = ",".join(names)
+    if len(text) <= width:
+        return text
+    kept: list[str] = []
+    for name in names:
+        more = len(names) - len(kept) - 1
+        if len(",".join([*kept, name])) + len(f" +{more} more") > width:
+            break
+        kept.append(name)
+    more = len(names) - len(kept)
+    if kept:
+        return ",".join(kept) + f" +{more} more"
+    more -= 1
+    tail = f" +{more} more" if more else ""
+    room = max(width - len(tail) - 3, 8)
+    return names[0][:room] + "..." + tail
+
+
 _COLUMNS = (
     ("KEY", False),
     ("STATUS", False),
@@ -445,9 +486,11 @@ _COLUMNS = (
     ("REQUESTS", True),
     ("OK", True),
     ("ERRORS", False),
+    ("TOKENS", True),
     ("RPM LEFT", True),
     ("TPM LEFT", True),
     ("RPD LEFT", True),
+    ("MODELS", False),
     ("LAST ERROR", False),
 )
 
@@ -465,9 +508,11 @@ def _row(stats: KeyStats, now: float) -> list[str]:
         str(stats.total_requests),
         str(stats.success_count),
         _errors(stats),
+        _tokens(stats),
         _budget(stats.rpm_left, stats.rpm),
         _budget(stats.tpm_left, stats.tpm),
         _budget(stats.rpd_left, stats.rpd),
+        _models(stats),
         _last_error(stats, now),
     ]
 

@@ -6,6 +6,7 @@ separate process, the way an operator does.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from pydantic import SecretStr
 from keypool import KeyPool, KeyPoolSettings, UnknownKey, cli
 from keypool.envload import scan_env
 from keypool.fingerprint import derived_key_id, fingerprint
+from keypool.stats import KeyStats
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET_A = "sk-cli-test-AAAA-0123456789abcdef"
@@ -191,6 +193,82 @@ def test_status_takes_the_provider_as_an_argument(
     code, out, err = run(capsys, "status", "openai", "--provider", "anthropic")
     assert (code, out) == (2, "")
     assert "PROVIDER 'openai' and --provider 'anthropic' differ" in err
+
+
+MANY_MODELS = [f"vendor/model-{i:02d}" for i in range(6)]
+
+
+def test_status_table_shows_tokens_and_models(
+    live: KeyPool, store: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    live.add_key("openai", "k-chat", SECRET_A, models=["gpt-4o", "gpt-4o-mini"])
+    live.add_key("openai", "k-many", SECRET_B, models=MANY_MODELS)
+    live.add_key("openai", "k-idle", SECRET_C)
+    for used in (100, 23):
+        with live.acquire("openai", model="gpt-4o", tokens=500) as lease:
+            lease.success(tokens=used)
+    with live.acquire("openai", model=MANY_MODELS[3]) as lease:
+        lease.success(input_tokens=40, output_tokens=2)
+
+    code, out, err = run(capsys, "status", "openai")
+    assert code == 0, err
+    rows = table_rows(out)
+    split = getattr(live.stats("openai", "k-many"), "tokens_in", None) is not None
+    assert rows["k-chat"]["TOKENS"].split()[0] == "123"
+    assert rows["k-many"]["TOKENS"] == ("42 (40 in, 2 out)" if split else "42")
+    assert rows["k-idle"]["TOKENS"].split()[0] == "0"
+    assert rows["k-chat"]["MODELS"] == "gpt-4o,gpt-4o-mini"
+    assert rows["k-idle"]["MODELS"] == "-"
+    many = rows["k-many"]["MODELS"]
+    assert len(many) <= 40
+    shown = many.split(" +")[0].split(",")
+    assert shown == MANY_MODELS[:2]  # as many as fit, in order
+    assert many.endswith(f" +{len(MANY_MODELS) - len(shown)} more")
+
+    # --json carries every field of KeyStats, models whole
+    code, out, err = run(capsys, "status", "openai", "--json")
+    assert code == 0, err
+    keys = {k["key_id"]: k for k in json.loads(out)["providers"]["openai"]}
+    every = {f.name for f in dataclasses.fields(KeyStats)}
+    assert all(set(k) == every for k in keys.values())
+    assert keys["k-chat"]["tokens_used"] == 123
+    assert keys["k-many"]["tokens_used"] == 42
+    assert keys["k-many"]["models"] == MANY_MODELS
+    assert keys["k-chat"]["models"] == ["gpt-4o", "gpt-4o-mini"]
+
+
+def test_status_tokens_column_shows_the_input_output_split_when_known(
+    live: KeyPool,
+    store: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class SplitStats(KeyStats):
+        tokens_in: int | None = None
+        tokens_out: int | None = None
+
+    live.add_key("openai", "k1", SECRET_A)
+    live.add_key("openai", "k2", SECRET_B)
+    snapshot = KeyPool.snapshot
+
+    def with_split(pool: KeyPool, provider: object | None = None) -> list[KeyStats]:
+        out: list[KeyStats] = []
+        for stats in snapshot(pool, provider):
+            values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+            if stats.key_id == "k1":
+                values.update(tokens_used=1234, tokens_in=1000, tokens_out=234)
+            else:
+                values.update(tokens_used=7, tokens_in=None, tokens_out=None)
+            out.append(SplitStats(**values))
+        return out
+
+    monkeypatch.setattr(KeyPool, "snapshot", with_split)
+    code, out, err = run(capsys, "status", "openai")
+    assert code == 0, err
+    rows = table_rows(out)
+    assert rows["k1"]["TOKENS"] == "1234 (1000 in, 234 out)"
+    assert rows["k2"]["TOKENS"] == "7"
 
 
 def test_status_watch_redraws_until_ctrl_c(
