@@ -21,17 +21,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from difflib import get_close_matches
 from typing import Any, NoReturn, TypeAlias
 
 from redis.exceptions import RedisError
 
 from . import __version__
-from .envload import parse_key_file, scan_env
+from .envload import ALIASES, parse_key_file, scan_env
 from .errors import ConfigError, KeyPoolError, PoolUnavailable, UnknownKey
 from .fingerprint import derived_key_id, fingerprint
 from .log import redact
 from .pool import KeyPool
-from .providers import normalize_provider, shown, validate_key_id
+from .providers import Provider, normalize_provider, shown, validate_key_id
 from .settings import load_settings
 from .stats import KeyStats
 from .store import redact_url
@@ -53,6 +54,8 @@ EXIT_CONFIG = 3
 EXIT_UNAVAILABLE = 4
 EXIT_UNKNOWN_KEY = 5
 EXIT_INTERRUPTED = 130
+
+_PROVIDER_VALUES = frozenset(p.value for p in Provider)
 
 IMPORT_CHUNK = 1000
 DEFAULT_WATCH_SECONDS = 2.0
@@ -177,6 +180,15 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("key_id", metavar="KEY_ID", help="key id, e.g. prod-1")
 
 
+def _new_provider_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--new-provider",
+        action="store_true",
+        help="accept a provider that is neither a keypool provider nor in the pool yet "
+        "(without it such a name is refused as a probable typo)",
+    )
+
+
 @dataclass(frozen=True)
 class _Parents:
     """Option groups shared by sub-commands (argparse ``parents``)."""
@@ -234,6 +246,7 @@ def _add_command(sub: _Commands, parents: _Parents) -> None:
     source.add_argument(
         "--stdin", action="store_true", help="read the secret from stdin (the default)"
     )
+    _new_provider_option(add)
     add.set_defaults(handler=cmd_add)
 
 
@@ -254,6 +267,7 @@ def _import_command(sub: _Commands, parents: _Parents) -> None:
         metavar="P",
         help="provider of the file's keys (required with --file); with --env, only this one",
     )
+    _new_provider_option(imp)
     imp.set_defaults(handler=cmd_import)
 
 
@@ -385,6 +399,35 @@ def _check_key_args(provider: str, key_id: str) -> tuple[str, str]:
             "from stdin or --from-env, never from the command line"
         )
     return name, key_id
+
+
+def _suggestion(name: str, known: Sequence[str]) -> str | None:
+    """The known provider ``name`` was probably meant for: the provider of an environment
+    alias (``hf``, ``google``), else the closest known name."""
+    aliased = ALIASES.get(name.upper())
+    if aliased is not None and aliased != name:
+        return aliased
+    close = get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _require_provider(pool: KeyPool, name: str, *, new_ok: bool | None = None) -> None:
+    """Refuse (exit 2) a provider that is neither a :class:`Provider` value nor in the pool:
+    most likely a typo, which would otherwise create a provider of its own (or report a
+    missing key). ``new_ok``: the command can create a provider (``add``, ``import``), and
+    ``True`` when ``--new-provider`` was given; ``None``: it cannot."""
+    if name in _PROVIDER_VALUES or new_ok:
+        return
+    in_pool = pool.providers()
+    if name in in_pool:
+        return
+    message = f"provider {shown(name)} has no keys in this pool and is not a keypool provider"
+    hint = _suggestion(name, sorted({*_PROVIDER_VALUES, *in_pool}))
+    if hint is not None:
+        message += f"; did you mean {hint!r}?"
+    if new_ok is not None:
+        message += " (give --new-provider to add keys of a new provider)"
+    raise UsageError(message)
 
 
 # --------------------------------------------------------------------------- status
@@ -595,6 +638,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     out = sys.stdout
     provider = _status_provider(args)
     with _open_pool(args, mutating=False) as pool:
+        if provider is not None:
+            _require_provider(pool, provider)
         if args.watch is None:
             frame = render_status(pool, provider, as_json=args.json, compact=False)
             out.write(frame)
@@ -683,8 +728,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     options = _key_options(args)
     label = _label(provider, key_id)
-    secret = _read_secret(args, label)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider, new_ok=args.new_provider)
+        secret = _read_secret(args, label)
         pool.add_key(provider, key_id, secret, **options)
         _sealing_note(pool)
     print(f"added {label} (fingerprint {fingerprint(secret)})")
@@ -756,7 +802,12 @@ def _progress(done: int, total: int) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     items = _collect_import(args)
     options = _key_options(args)
+    named = {p for p, _, _ in items}
+    if args.provider is not None:
+        named.add(normalize_provider(args.provider))
     with _open_pool(args, mutating=True) as pool:
+        for name in sorted(named):
+            _require_provider(pool, name, new_ok=args.new_provider)
         if not items:
             _warn("no keys found to import")
         show = bool(items) and _isatty(sys.stderr)
@@ -784,6 +835,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_disable(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.disable_key(provider, key_id, reason=args.reason)
     why = f" (reason: {redact(args.reason)})" if args.reason else ""
     print(f"disabled {_label(provider, key_id)}{why}")
@@ -793,6 +845,7 @@ def cmd_disable(args: argparse.Namespace) -> int:
 def cmd_enable(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.enable_key(provider, key_id)
     print(f"enabled {_label(provider, key_id)}")
     return EXIT_OK
@@ -801,6 +854,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.reset_key(provider, key_id)
     print(f"reset {_label(provider, key_id)}")
     return EXIT_OK
@@ -809,6 +863,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.remove_key(provider, key_id)
     print(f"removed {_label(provider, key_id)}")
     return EXIT_OK
@@ -817,6 +872,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_assign_model(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.assign_model(args.model, provider, key_id)
     print(f"assigned model {args.model!r} to {_label(provider, key_id)}")
     return EXIT_OK
@@ -825,6 +881,7 @@ def cmd_assign_model(args: argparse.Namespace) -> int:
 def cmd_unassign_model(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.unassign_model(args.model, provider, key_id)
     print(f"unassigned model {args.model!r} from {_label(provider, key_id)}")
     return EXIT_OK
