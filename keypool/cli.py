@@ -3,6 +3,9 @@
 Every command reads the same settings as the library (``KEYPOOL_REDIS_URL``,
 ``KEYPOOL_NAMESPACE``, ...); ``--url`` and ``--namespace`` override them. Secrets are read from
 stdin or from a named environment variable, never from the command line, and never printed.
+A provider name must be a :class:`~keypool.Provider` value or a provider the pool already has
+keys of; any other name is refused as a probable typo (with the closest known name), unless
+``add`` or ``import`` is given ``--new-provider``.
 
 Exit codes: 0 ok, 1 other error, 2 usage error or bad value, 3 bad configuration (e.g. the
 store URL), 4 store unreachable, 5 unknown key, 130 interrupted.
