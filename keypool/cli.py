@@ -3,6 +3,9 @@
 Every command reads the same settings as the library (``KEYPOOL_REDIS_URL``,
 ``KEYPOOL_NAMESPACE``, ...); ``--url`` and ``--namespace`` override them. Secrets are read from
 stdin or from a named environment variable, never from the command line, and never printed.
+A provider name must be a :class:`~keypool.Provider` value or a provider the pool already has
+keys of; any other name is refused as a probable typo (with the closest known name), unless
+``add`` or ``import`` is given ``--new-provider``.
 
 Exit codes: 0 ok, 1 other error, 2 usage error or bad value, 3 bad configuration (e.g. the
 store URL), 4 store unreachable, 5 unknown key, 130 interrupted.
@@ -20,17 +23,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from difflib import get_close_matches
+from typing import Any, NoReturn, TypeAlias
 
 from redis.exceptions import RedisError
 
 from . import __version__
-from .envload import parse_key_file, scan_env
+from .envload import ALIASES, parse_key_file, scan_env
 from .errors import ConfigError, KeyPoolError, PoolUnavailable, UnknownKey
 from .fingerprint import derived_key_id, fingerprint
 from .log import redact
 from .pool import KeyPool
-from .providers import normalize_provider, validate_key_id
+from .providers import Provider, normalize_provider, shown, validate_key_id
 from .settings import load_settings
 from .stats import KeyStats
 from .store import redact_url
@@ -53,10 +58,13 @@ EXIT_UNAVAILABLE = 4
 EXIT_UNKNOWN_KEY = 5
 EXIT_INTERRUPTED = 130
 
+_PROVIDER_VALUES = frozenset(p.value for p in Provider)
+
 IMPORT_CHUNK = 1000
 DEFAULT_WATCH_SECONDS = 2.0
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 _LAST_ERROR_WIDTH = 48
+_MODELS_WIDTH = 40
 MEMORY_WARNING = (
     "memory:// is this process only; set KEYPOOL_REDIS_URL (or --url) to act on a shared pool"
 )
@@ -146,9 +154,9 @@ def _common_options() -> _Parser:
     return common
 
 
-def _limit_options() -> _Parser:
-    limits = _Parser(add_help=False)
-    group = limits.add_argument_group("key options")
+def _key_option_parser() -> _Parser:
+    options = _Parser(add_help=False)
+    group = options.add_argument_group("key options")
     group.add_argument(
         "--weight", type=_positive_float, default=1.0, metavar="W", help="weight (default 1)"
     )
@@ -167,7 +175,7 @@ def _limit_options() -> _Parser:
         metavar="M",
         help="model(s) the key serves (repeatable)",
     )
-    return limits
+    return options
 
 
 def _key_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,29 +183,41 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("key_id", metavar="KEY_ID", help="key id, e.g. prod-1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``keypool`` argument parser."""
-    common = _common_options()
-    limits = _limit_options()
-    parser = _Parser(
-        prog="keypool",
-        parents=[common],
-        description="Inspect and manage a keypool: API keys shared through Redis.",
-        epilog=(
-            "Settings come from KEYPOOL_* variables (KEYPOOL_REDIS_URL, KEYPOOL_NAMESPACE, "
-            "KEYPOOL_SECRET_KEY, ...). Exit codes: 0 ok, 1 error, 2 usage, 3 configuration, "
-            "4 store unreachable, 5 unknown key."
-        ),
+def _new_provider_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--new-provider",
+        action="store_true",
+        help="accept a provider that is neither a keypool provider nor in the pool yet "
+        "(without it such a name is refused as a probable typo)",
     )
-    parser.add_argument("--version", action="version", version=f"keypool {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+
+@dataclass(frozen=True)
+class _Parents:
+    """Option groups shared by sub-commands (argparse ``parents``)."""
+
+    common: _Parser
+    key_options: _Parser
+
+
+# what ``add_subparsers`` returns
+_Commands: TypeAlias = "argparse._SubParsersAction[_Parser]"
+
+
+def _status_command(sub: _Commands, parents: _Parents) -> None:
     status = sub.add_parser(
         "status",
-        parents=[common],
-        help="every key's state, cooldown, in-flight leases, counters and budgets",
+        parents=[parents.common],
+        help="every key's state, cooldown, in-flight leases, counters, tokens and budgets",
         description="Show every key: state and why, cooldown left, in-flight leases, "
-        "requests, errors, budgets left and the last error. Never a secret.",
+        "requests, errors, tokens used, budgets left, models and the last error. Never a "
+        "secret.",
+    )
+    status.add_argument(
+        "provider_name",
+        nargs="?",
+        metavar="PROVIDER",
+        help="only this provider (the same as --provider)",
     )
     status.add_argument("--provider", metavar="P", help="only this provider")
     status.add_argument("--json", action="store_true", help="print a JSON document")
@@ -212,9 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=cmd_status)
 
+
+def _add_command(sub: _Commands, parents: _Parents) -> None:
     add = sub.add_parser(
         "add",
-        parents=[common, limits],
+        parents=[parents.common, parents.key_options],
         help="add (or update) one key; the secret comes from stdin or an env variable",
         description="Add or update one key. The secret is read from stdin (prompted for "
         "without echo on a terminal) or from --from-env VAR; never from the command line.",
@@ -227,11 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--stdin", action="store_true", help="read the secret from stdin (the default)"
     )
+    _new_provider_option(add)
     add.set_defaults(handler=cmd_add)
 
+
+def _import_command(sub: _Commands, parents: _Parents) -> None:
     imp = sub.add_parser(
         "import",
-        parents=[common, limits],
+        parents=[parents.common, parents.key_options],
         help="add many keys from the environment and/or a file",
         description="Add many keys at once: --env registers the keys found in provider "
         "variables (OPENAI_API_KEY, OPENAI_API_KEYS, HF_<NAME>_KEY, ...); --file reads one "
@@ -245,10 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="provider of the file's keys (required with --file); with --env, only this one",
     )
+    _new_provider_option(imp)
     imp.set_defaults(handler=cmd_import)
 
+
+def _key_action_commands(sub: _Commands, parents: _Parents) -> None:
     disable = sub.add_parser(
-        "disable", parents=[common], help="take a key out of service until enabled"
+        "disable", parents=[parents.common], help="take a key out of service until enabled"
     )
     _key_arguments(disable)
     disable.add_argument("--reason", default="", metavar="TEXT", help="why (shown by status)")
@@ -259,22 +287,26 @@ def build_parser() -> argparse.ArgumentParser:
         ("reset", "clear a key's cooldown, circuit, counters and budgets", cmd_reset),
         ("remove", "forget a key, its leases and model assignments", cmd_remove),
     ):
-        action = sub.add_parser(name, parents=[common], help=text, description=text)
+        action = sub.add_parser(name, parents=[parents.common], help=text, description=text)
         _key_arguments(action)
         action.set_defaults(handler=handler)
 
+
+def _model_commands(sub: _Commands, parents: _Parents) -> None:
     for name, text, handler in (
         ("assign-model", "let MODEL be served by this key", cmd_assign_model),
         ("unassign-model", "stop serving MODEL with this key", cmd_unassign_model),
     ):
-        action = sub.add_parser(name, parents=[common], help=text, description=text)
+        action = sub.add_parser(name, parents=[parents.common], help=text, description=text)
         action.add_argument("model", metavar="MODEL", help="model name")
         _key_arguments(action)
         action.set_defaults(handler=handler)
 
+
+def _serve_command(sub: _Commands, parents: _Parents) -> None:
     serve = sub.add_parser(
         "serve",
-        parents=[common],
+        parents=[parents.common],
         help="run the HTTP gateway (pip install 'keypool[server]')",
         description="Run the gateway: /{provider}/... is forwarded to the provider with a "
         "leased key. Clients authenticate with a token of KEYPOOL_PROXY_TOKENS.",
@@ -288,6 +320,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without KEYPOOL_PROXY_TOKENS (only when bound to a loopback address)",
     )
     serve.set_defaults(handler=cmd_serve)
+
+
+# One function per command (or family of commands), in the order ``keypool --help`` lists
+# them. A new command is one more function here: it adds its sub-parser (a command with
+# actions of its own, e.g. ``limits set|show``, adds a nested ``add_subparsers``), sets
+# ``handler`` and, when it names a provider, checks it with ``_require_provider``.
+_COMMANDS: tuple[Callable[[_Commands, _Parents], None], ...] = (
+    _status_command,
+    _add_command,
+    _import_command,
+    _key_action_commands,
+    _model_commands,
+    _serve_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``keypool`` argument parser."""
+    parents = _Parents(common=_common_options(), key_options=_key_option_parser())
+    parser = _Parser(
+        prog="keypool",
+        parents=[parents.common],
+        description="Inspect and manage a keypool: API keys shared through Redis.",
+        epilog=(
+            "Settings come from KEYPOOL_* variables (KEYPOOL_REDIS_URL, KEYPOOL_NAMESPACE, "
+            "KEYPOOL_SECRET_KEY, ...). Exit codes: 0 ok, 1 error, 2 usage, 3 configuration, "
+            "4 store unreachable, 5 unknown key."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"keypool {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(sub, parents)
     return parser
 
 
@@ -337,6 +402,35 @@ def _check_key_args(provider: str, key_id: str) -> tuple[str, str]:
             "from stdin or --from-env, never from the command line"
         )
     return name, key_id
+
+
+def _suggestion(name: str, known: Sequence[str]) -> str | None:
+    """The known provider ``name`` was probably meant for: the provider of an environment
+    alias (``hf``, ``google``), else the closest known name."""
+    aliased = ALIASES.get(name.upper())
+    if aliased is not None and aliased != name:
+        return aliased
+    close = get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _require_provider(pool: KeyPool, name: str, *, new_ok: bool | None = None) -> None:
+    """Refuse (exit 2) a provider that is neither a :class:`Provider` value nor in the pool:
+    most likely a typo, which would otherwise create a provider of its own (or report a
+    missing key). ``new_ok``: the command can create a provider (``add``, ``import``), and
+    ``True`` when ``--new-provider`` was given; ``None``: it cannot."""
+    if name in _PROVIDER_VALUES or new_ok:
+        return
+    in_pool = pool.providers()
+    if name in in_pool:
+        return
+    message = f"provider {shown(name)} has no keys in this pool and is not a keypool provider"
+    hint = _suggestion(name, sorted({*_PROVIDER_VALUES, *in_pool}))
+    if hint is not None:
+        message += f"; did you mean {hint!r}?"
+    if new_ok is not None:
+        message += " (give --new-provider to add keys of a new provider)"
+    raise UsageError(message)
 
 
 # --------------------------------------------------------------------------- status
@@ -390,6 +484,45 @@ def _last_error(stats: KeyStats, now: float) -> str:
     return text
 
 
+def _tokens(stats: KeyStats) -> str:
+    """Tokens used; with the input/output split when the stats carry it."""
+    text = str(stats.tokens_used)
+    tokens_in = getattr(stats, "tokens_in", None)
+    tokens_out = getattr(stats, "tokens_out", None)
+    if tokens_in is None and tokens_out is None:
+        return text
+    shown_in = "?" if tokens_in is None else str(tokens_in)
+    shown_out = "?" if tokens_out is None else str(tokens_out)
+    return f"{text} ({shown_in} in, {shown_out} out)"
+
+
+def _models(stats: KeyStats) -> str:
+    if not stats.models:
+        return "-"
+    return _shorten_names([" ".join(m.split()) for m in stats.models], _MODELS_WIDTH)
+
+
+def _shorten_names(names: Sequence[str], width: int) -> str:
+    """``a,b,c`` in at most ``width`` characters (about: one very long name is cut), the
+    names that do not fit counted as ``+N more``."""
+    text = ",".join(names)
+    if len(text) <= width:
+        return text
+    kept: list[str] = []
+    for name in names:
+        more = len(names) - len(kept) - 1
+        if len(",".join([*kept, name])) + len(f" +{more} more") > width:
+            break
+        kept.append(name)
+    more = len(names) - len(kept)
+    if kept:
+        return ",".join(kept) + f" +{more} more"
+    more -= 1
+    tail = f" +{more} more" if more else ""
+    room = max(width - len(tail) - 3, 8)
+    return names[0][:room] + "..." + tail
+
+
 _COLUMNS = (
     ("KEY", False),
     ("STATUS", False),
@@ -399,9 +532,11 @@ _COLUMNS = (
     ("REQUESTS", True),
     ("OK", True),
     ("ERRORS", False),
+    ("TOKENS", True),
     ("RPM LEFT", True),
     ("TPM LEFT", True),
     ("RPD LEFT", True),
+    ("MODELS", False),
     ("LAST ERROR", False),
 )
 
@@ -419,9 +554,11 @@ def _row(stats: KeyStats, now: float) -> list[str]:
         str(stats.total_requests),
         str(stats.success_count),
         _errors(stats),
+        _tokens(stats),
         _budget(stats.rpm_left, stats.rpm),
         _budget(stats.tpm_left, stats.tpm),
         _budget(stats.rpd_left, stats.rpd),
+        _models(stats),
         _last_error(stats, now),
     ]
 
@@ -485,13 +622,31 @@ def _json_stats(stats: KeyStats) -> dict[str, Any]:
     return out
 
 
+def _status_provider(args: argparse.Namespace) -> str | None:
+    """``status PROVIDER`` and ``status --provider PROVIDER`` are the same; both: must agree."""
+    positional: str | None = args.provider_name
+    option: str | None = args.provider
+    if positional is None and option is None:
+        return None
+    names = {normalize_provider(name) for name in (positional, option) if name is not None}
+    if len(names) > 1:
+        raise UsageError(
+            f"status: PROVIDER {shown(positional or '')} and --provider {shown(option or '')} "
+            "differ: give the provider once"
+        )
+    return names.pop()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     out = sys.stdout
+    provider = _status_provider(args)
     with _open_pool(args, mutating=False) as pool:
+        if provider is not None:
+            _require_provider(pool, provider)
         if args.watch is None:
-            frame = render_status(pool, args.provider, as_json=args.json, compact=False)
+            frame = render_status(pool, provider, as_json=args.json, compact=False)
             out.write(frame)
-            if _is_memory(pool) and not pool.snapshot(args.provider):
+            if _is_memory(pool) and not pool.snapshot(provider):
                 _warn(MEMORY_WARNING)
             return EXIT_OK
         tty = _isatty(out)
@@ -500,7 +655,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             while True:
                 try:
                     frame = render_status(
-                        pool, args.provider, as_json=args.json, compact=args.json and not tty
+                        pool, provider, as_json=args.json, compact=args.json and not tty
                     )
                 except PoolUnavailable as exc:
                     if first:
@@ -576,8 +731,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     options = _key_options(args)
     label = _label(provider, key_id)
-    secret = _read_secret(args, label)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider, new_ok=args.new_provider)
+        secret = _read_secret(args, label)
         pool.add_key(provider, key_id, secret, **options)
         _sealing_note(pool)
     print(f"added {label} (fingerprint {fingerprint(secret)})")
@@ -649,7 +805,12 @@ def _progress(done: int, total: int) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     items = _collect_import(args)
     options = _key_options(args)
+    named = {p for p, _, _ in items}
+    if args.provider is not None:
+        named.add(normalize_provider(args.provider))
     with _open_pool(args, mutating=True) as pool:
+        for name in sorted(named):
+            _require_provider(pool, name, new_ok=args.new_provider)
         if not items:
             _warn("no keys found to import")
         show = bool(items) and _isatty(sys.stderr)
@@ -677,6 +838,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_disable(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.disable_key(provider, key_id, reason=args.reason)
     why = f" (reason: {redact(args.reason)})" if args.reason else ""
     print(f"disabled {_label(provider, key_id)}{why}")
@@ -686,6 +848,7 @@ def cmd_disable(args: argparse.Namespace) -> int:
 def cmd_enable(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.enable_key(provider, key_id)
     print(f"enabled {_label(provider, key_id)}")
     return EXIT_OK
@@ -694,6 +857,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.reset_key(provider, key_id)
     print(f"reset {_label(provider, key_id)}")
     return EXIT_OK
@@ -702,6 +866,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.remove_key(provider, key_id)
     print(f"removed {_label(provider, key_id)}")
     return EXIT_OK
@@ -710,6 +875,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_assign_model(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.assign_model(args.model, provider, key_id)
     print(f"assigned model {args.model!r} to {_label(provider, key_id)}")
     return EXIT_OK
@@ -718,6 +884,7 @@ def cmd_assign_model(args: argparse.Namespace) -> int:
 def cmd_unassign_model(args: argparse.Namespace) -> int:
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
         pool.unassign_model(args.model, provider, key_id)
     print(f"unassigned model {args.model!r} from {_label(provider, key_id)}")
     return EXIT_OK

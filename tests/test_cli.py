@@ -6,6 +6,7 @@ separate process, the way an operator does.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from pydantic import SecretStr
 from keypool import KeyPool, KeyPoolSettings, UnknownKey, cli
 from keypool.envload import scan_env
 from keypool.fingerprint import derived_key_id, fingerprint
+from keypool.stats import KeyStats
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET_A = "sk-cli-test-AAAA-0123456789abcdef"
@@ -155,6 +157,118 @@ def test_status_of_a_provider_without_keys(
     assert code == 0
     assert "gemini: 0 keys" in out
     assert "k1" not in out
+
+
+def test_status_takes_the_provider_as_an_argument(
+    live: KeyPool, store: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    live.add_key("openai", "k1", SECRET_A, rpm=9)
+    live.add_key("anthropic", "a1", SECRET_B)
+    with live.acquire("openai") as lease:
+        lease.success(tokens=12)
+
+    def body(out: str) -> str:  # without the first line, which holds the time
+        return out.split("\n", 1)[1]
+
+    code, positional, err = run(capsys, "status", "openai")
+    assert code == 0, err
+    code, option, err = run(capsys, "status", "--provider", "openai")
+    assert code == 0, err
+    assert body(positional) == body(option)
+    assert "openai: 1 key (1 active)" in positional
+    assert set(table_rows(positional)) == {"k1"}
+    assert "anthropic" not in positional
+
+    code, positional, _ = run(capsys, "status", "openai", "--json")
+    assert code == 0
+    code, option, _ = run(capsys, "status", "--json", "--provider", "openai")
+    assert code == 0
+    assert json.loads(positional)["providers"] == json.loads(option)["providers"]
+    assert set(json.loads(positional)["providers"]) == {"openai"}
+
+    # both ways at once: fine when they agree, a usage error when they differ
+    code, out, err = run(capsys, "status", "openai", "--provider", "openai")
+    assert code == 0, err
+    assert set(table_rows(out)) == {"k1"}
+    code, out, err = run(capsys, "status", "openai", "--provider", "anthropic")
+    assert (code, out) == (2, "")
+    assert "PROVIDER 'openai' and --provider 'anthropic' differ" in err
+
+
+MANY_MODELS = [f"vendor/model-{i:02d}" for i in range(6)]
+
+
+def test_status_table_shows_tokens_and_models(
+    live: KeyPool, store: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    live.add_key("openai", "k-chat", SECRET_A, models=["gpt-4o", "gpt-4o-mini"])
+    live.add_key("openai", "k-many", SECRET_B, models=MANY_MODELS)
+    live.add_key("openai", "k-idle", SECRET_C)
+    for used in (100, 23):
+        with live.acquire("openai", model="gpt-4o", tokens=500) as lease:
+            lease.success(tokens=used)
+    with live.acquire("openai", model=MANY_MODELS[3]) as lease:
+        lease.success(input_tokens=40, output_tokens=2)
+
+    code, out, err = run(capsys, "status", "openai")
+    assert code == 0, err
+    rows = table_rows(out)
+    split = getattr(live.stats("openai", "k-many"), "tokens_in", None) is not None
+    assert rows["k-chat"]["TOKENS"].split()[0] == "123"
+    assert rows["k-many"]["TOKENS"] == ("42 (40 in, 2 out)" if split else "42")
+    assert rows["k-idle"]["TOKENS"].split()[0] == "0"
+    assert rows["k-chat"]["MODELS"] == "gpt-4o,gpt-4o-mini"
+    assert rows["k-idle"]["MODELS"] == "-"
+    many = rows["k-many"]["MODELS"]
+    assert len(many) <= 40
+    shown = many.split(" +")[0].split(",")
+    assert shown == MANY_MODELS[:2]  # as many as fit, in order
+    assert many.endswith(f" +{len(MANY_MODELS) - len(shown)} more")
+
+    # --json carries every field of KeyStats, models whole
+    code, out, err = run(capsys, "status", "openai", "--json")
+    assert code == 0, err
+    keys = {k["key_id"]: k for k in json.loads(out)["providers"]["openai"]}
+    every = {f.name for f in dataclasses.fields(KeyStats)}
+    assert all(set(k) == every for k in keys.values())
+    assert keys["k-chat"]["tokens_used"] == 123
+    assert keys["k-many"]["tokens_used"] == 42
+    assert keys["k-many"]["models"] == MANY_MODELS
+    assert keys["k-chat"]["models"] == ["gpt-4o", "gpt-4o-mini"]
+
+
+def test_status_tokens_column_shows_the_input_output_split_when_known(
+    live: KeyPool,
+    store: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class SplitStats(KeyStats):
+        tokens_in: int | None = None
+        tokens_out: int | None = None
+
+    live.add_key("openai", "k1", SECRET_A)
+    live.add_key("openai", "k2", SECRET_B)
+    snapshot = KeyPool.snapshot
+
+    def with_split(pool: KeyPool, provider: object | None = None) -> list[KeyStats]:
+        out: list[KeyStats] = []
+        for stats in snapshot(pool, provider):
+            values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+            if stats.key_id == "k1":
+                values.update(tokens_used=1234, tokens_in=1000, tokens_out=234)
+            else:
+                values.update(tokens_used=7, tokens_in=None, tokens_out=None)
+            out.append(SplitStats(**values))
+        return out
+
+    monkeypatch.setattr(KeyPool, "snapshot", with_split)
+    code, out, err = run(capsys, "status", "openai")
+    assert code == 0, err
+    rows = table_rows(out)
+    assert rows["k1"]["TOKENS"] == "1234 (1000 in, 234 out)"
+    assert rows["k2"]["TOKENS"] == "7"
 
 
 def test_status_watch_redraws_until_ctrl_c(
@@ -351,7 +465,15 @@ def test_import_ten_thousand_keys_from_a_file(
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # shows the progress bar
     code, out, err = run(
-        capsys, "import", "--file", str(path), "--provider", "bulk", "--tpm", "1000"
+        capsys,
+        "import",
+        "--file",
+        str(path),
+        "--provider",
+        "bulk",
+        "--new-provider",
+        "--tpm",
+        "1000",
     )
     assert code == 0, err
     assert "imported 10000 keys (bulk: 10000)" in out
@@ -457,6 +579,146 @@ def test_global_options_go_before_or_after_the_command(
         code, _, err = run(capsys, *argv)
         assert code == 0, err
     assert live.stats("openai", "k1").status == "disabled"
+
+
+# ----------------------------------------------------------------------------- provider typos
+
+TYPO = "provider 'opnai' has no keys in this pool and is not a keypool provider"
+
+
+def test_add_refuses_a_provider_typo_unless_declared_new(
+    live: KeyPool,
+    store: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    feed_stdin(monkeypatch, SECRET_A + "\n")
+    code, out, err = run(capsys, "add", "opnai", "k1")
+    assert (code, out) == (2, "")
+    assert f"{TYPO}; did you mean 'openai'? (give --new-provider" in err
+    assert len(err.strip().splitlines()) == 1
+    assert live.providers() == []
+    assert sys.stdin.read() == SECRET_A + "\n"  # refused before the secret is read
+    no_secret(out, err)
+
+    # declared new, it is created; from then on it is a provider of the pool
+    feed_stdin(monkeypatch, SECRET_A + "\n")
+    code, out, err = run(capsys, "add", "opnai", "k1", "--new-provider")
+    assert code == 0, err
+    assert "added opnai/k1" in out
+    feed_stdin(monkeypatch, SECRET_B + "\n")
+    code, _, err = run(capsys, "add", "opnai", "k2")
+    assert code == 0, err
+    assert [s.key_id for s in live.snapshot("opnai")] == ["k1", "k2"]
+    code, out, err = run(capsys, "status", "opnai")
+    assert code == 0, err
+    assert set(table_rows(out)) == {"k1", "k2"}
+
+    # every keypool provider is accepted without keys; custom ones match against the pool
+    feed_stdin(monkeypatch, SECRET_C + "\n")
+    assert run(capsys, "add", "cohere", "c1")[0] == 0
+    feed_stdin(monkeypatch, SECRET_C + "\n")
+    code, _, err = run(capsys, "add", "cohre", "k3")
+    assert code == 2
+    assert "did you mean 'cohere'?" in err
+    feed_stdin(monkeypatch, SECRET_C + "\n")
+    code, _, err = run(capsys, "add", "onpai", "k3")
+    assert code == 2
+    assert "did you mean 'opnai'?" in err  # the closest name, here one of the pool's
+    feed_stdin(monkeypatch, SECRET_C + "\n")
+    code, _, err = run(capsys, "add", "zzzz", "k3")
+    assert code == 2
+    assert "provider 'zzzz' has no keys" in err
+    assert "did you mean" not in err
+    assert live.providers() == ["cohere", "opnai"]
+
+
+@pytest.mark.parametrize(("alias", "provider"), [("hf", "huggingface"), ("google", "gemini")])
+def test_environment_aliases_are_not_provider_names(
+    live: KeyPool,
+    store: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    alias: str,
+    provider: str,
+) -> None:
+    feed_stdin(monkeypatch, SECRET_A + "\n")
+    code, _, err = run(capsys, "add", alias, "k1")
+    assert code == 2
+    assert f"provider '{alias}' has no keys" in err
+    assert f"did you mean '{provider}'?" in err
+    code, _, err = run(capsys, "status", alias)
+    assert code == 2
+    assert f"did you mean '{provider}'?" in err
+    assert live.providers() == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "opnai"],
+        ["status", "--provider", "opnai", "--json"],
+        ["status", "opnai", "--watch", "1"],
+        ["disable", "opnai", "k1", "--reason", "x"],
+        ["enable", "opnai", "k1"],
+        ["reset", "opnai", "k1"],
+        ["remove", "opnai", "k1"],
+        ["assign-model", "gpt-4o", "opnai", "k1"],
+        ["unassign-model", "gpt-4o", "opnai", "k1"],
+    ],
+)
+def test_commands_on_keys_refuse_a_provider_typo(
+    live: KeyPool, store: list[str], capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    live.add_key("openai", "k1", SECRET_A)
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert f"keypool: {TYPO}; did you mean 'openai'?" in err
+    assert "--new-provider" not in err  # these commands never create a provider
+    assert live.stats("openai", "k1").status == "active"
+    assert live.providers() == ["openai"]
+
+
+def test_a_key_shaped_provider_is_refused_and_not_echoed(
+    live: KeyPool, store: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "sk-proj-abcdefghij0123456789abcdefghij"
+    for argv in (["status", secret], ["status", "--provider", secret], ["remove", secret, "k1"]):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (2, "")
+        assert "has no keys in this pool" in err
+        assert secret not in err
+        assert "abcdefghij0123456789" not in err
+
+
+def test_import_refuses_a_provider_typo_unless_declared_new(
+    live: KeyPool,
+    store: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "keys.txt"
+    path.write_text(f"a={SECRET_A}\nb={SECRET_B}\n", encoding="utf-8")
+    code, out, err = run(capsys, "import", "--file", str(path), "--provider", "opnai")
+    assert (code, out) == (2, "")
+    assert f"{TYPO}; did you mean 'openai'? (give --new-provider" in err
+    assert live.providers() == []
+
+    clear_provider_env(monkeypatch)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET_C)
+    code, _, err = run(capsys, "import", "--env", "--provider", "opnai")
+    assert code == 2
+    assert "did you mean 'openai'?" in err
+    code, out, err = run(capsys, "import", "--env", "--provider", "openai")  # keypool's own
+    assert code == 0, err
+    assert "imported 1 key (openai: 1)" in out
+
+    argv = ["import", "--file", str(path), "--provider", "opnai", "--new-provider"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "imported 2 keys (opnai: 2)" in out
+    assert live.providers() == ["openai", "opnai"]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -590,6 +852,22 @@ def test_process_exit_codes_for_unknown_key_and_usage(redis_url: str, namespace:
     done = cli_process(*base, "frobnicate")
     assert done.returncode == 2
     assert "invalid choice" in done.stderr
+
+
+def test_process_refuses_a_provider_typo(redis_url: str, namespace: str) -> None:
+    env = {"KEYPOOL_REDIS_URL": redis_url, "KEYPOOL_NAMESPACE": namespace}
+    done = cli_process("add", "opnai", "k1", stdin=SECRET_A + "\n", env=env)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        f"keypool: {TYPO}; did you mean 'openai'? "
+        "(give --new-provider to add keys of a new provider)\n"
+    )
+    done = cli_process("add", "opnai", "k1", "--new-provider", stdin=SECRET_A + "\n", env=env)
+    assert done.returncode == 0, done.stderr
+    done = cli_process("status", "opnai", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert [k["key_id"] for k in json.loads(done.stdout)["providers"]["opnai"]] == ["k1"]
+    no_secret(done.stdout, done.stderr)
 
 
 def test_process_watch_stops_cleanly_on_ctrl_c(
