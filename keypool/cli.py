@@ -175,6 +175,9 @@ def _key_option_parser() -> _Parser:
         metavar="M",
         help="model(s) the key serves (repeatable)",
     )
+    group.add_argument(
+        "--account", metavar="NAME", help="account the key belongs to (shares its limits)"
+    )
     return options
 
 
@@ -303,6 +306,40 @@ def _model_commands(sub: _Commands, parents: _Parents) -> None:
         action.set_defaults(handler=handler)
 
 
+_LIMIT_OPTIONS = ("rpm", "tpm", "rpd", "tpd", "itpm", "otpm", "max_concurrency")
+
+
+def _limits_command(sub: _Commands, parents: _Parents) -> None:
+    limits = sub.add_parser(
+        "limits",
+        parents=[parents.common],
+        help="set or show the limits of a key, a key for a model, an account, ...",
+        description="Limit scopes: a key (--key), a key for one model (--key --model), an "
+        "account (--account) or an account for one model (--account --model). An acquire is "
+        "admitted only if every scope that applies admits it.",
+    )
+    actions = limits.add_subparsers(dest="limits_action", required=True, metavar="ACTION")
+    set_ = actions.add_parser(
+        "set", parents=[parents.common], help="set limits of one scope (0 removes a limit)"
+    )
+    set_.add_argument("provider", metavar="PROVIDER", help="provider name")
+    owner = set_.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--key", dest="key_id", metavar="KEY_ID", help="a key of the provider")
+    owner.add_argument("--account", metavar="ACCOUNT", help="an account of the provider")
+    set_.add_argument("--model", metavar="MODEL", help="only for this model")
+    for name in _LIMIT_OPTIONS:
+        set_.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=int, metavar="N", help=f"{name} limit"
+        )
+    set_.set_defaults(handler=cmd_limits_set)
+    show = actions.add_parser(
+        "show", parents=[parents.common], help="every limit scope of a provider"
+    )
+    show.add_argument("provider", metavar="PROVIDER", help="provider name")
+    show.add_argument("--json", action="store_true", help="as JSON")
+    show.set_defaults(handler=cmd_limits_show)
+
+
 def _serve_command(sub: _Commands, parents: _Parents) -> None:
     serve = sub.add_parser(
         "serve",
@@ -332,6 +369,7 @@ _COMMANDS: tuple[Callable[[_Commands, _Parents], None], ...] = (
     _import_command,
     _key_action_commands,
     _model_commands,
+    _limits_command,
     _serve_command,
 )
 
@@ -687,6 +725,7 @@ def _key_options(args: argparse.Namespace) -> dict[str, Any]:
         "rpd": args.rpd,
         "max_concurrency": args.max_concurrency,
         "models": list(args.models),
+        "account": args.account,
     }
 
 
@@ -887,6 +926,55 @@ def cmd_unassign_model(args: argparse.Namespace) -> int:
         _require_provider(pool, provider)
         pool.unassign_model(args.model, provider, key_id)
     print(f"unassigned model {args.model!r} from {_label(provider, key_id)}")
+    return EXIT_OK
+
+
+def cmd_limits_set(args: argparse.Namespace) -> int:
+    provider = normalize_provider(args.provider)
+    values = {name: getattr(args, name) for name in _LIMIT_OPTIONS}
+    with _open_pool(args, mutating=True) as pool:
+        _require_provider(pool, provider)
+        pool.set_limits(
+            provider, key_id=args.key_id, account=args.account, model=args.model, **values
+        )
+    where = f"key {args.key_id}" if args.key_id else f"account {args.account}"
+    if args.model:
+        where += f" for model {args.model!r}"
+    given = ", ".join(f"{n}={v}" for n, v in values.items() if v is not None)
+    print(f"limits of {provider} {where}: {given}")
+    return EXIT_OK
+
+
+def cmd_limits_show(args: argparse.Namespace) -> int:
+    provider = normalize_provider(args.provider)
+    with _open_pool(args, mutating=False) as pool:
+        _require_provider(pool, provider)
+        scopes = pool.scopes(provider)
+        now = pool.server_time()
+    if args.json:
+        print(json.dumps([s.as_dict() for s in scopes], indent=2))
+        return EXIT_OK
+    rows = [["SCOPE", "OWNER", "MODEL", "LIMITS", "LEFT", "IN FLIGHT", "STATE"]]
+    for s in scopes:
+        state = "ok"
+        if s.available_at is not None:
+            state = f"{s.unavailable_reason or 'waiting'} {max(0.0, s.available_at - now):.0f}s"
+        rows.append(
+            [
+                s.scope,
+                s.account or s.key_id or "-",
+                s.model or "-",
+                " ".join(f"{k}={v}" for k, v in s.limits.items()) or "-",
+                " ".join(f"{k}={v}" for k, v in s.left.items()) or "-",
+                str(s.in_flight),
+                state,
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if not scopes:
+        print(f"(no limit scopes for {provider}: see `keypool limits set --help`)")
     return EXIT_OK
 
 
