@@ -72,6 +72,20 @@ local function admits(s)
   if at <= now then return true, scoped end
   if available_at(s, now) > now then
     replace(s, {}, now)   -- can take no request at all: out of the rotation until then
+  elseif model ~= '' then
+    -- held back for this model only (a scope of the model): out of the model's rotation
+    -- until then
+    local held_until = 0
+    for i = 1, #scoped do
+      if scoped[i][1] ~= 'a' then
+        local t = scope_at(scoped[i][2], ONE_REQUEST, now)
+        if t > held_until then held_until = t end
+      end
+    end
+    if held_until > now and held_until < NEVER then
+      redis.call('ZREM', model_rotation(model), s.id)
+      redis.call('ZADD', model_waiting(model), math.ceil(held_until), s.id)
+    end
   end
   if at < earliest then earliest = at end
   why_none = why
@@ -164,6 +178,45 @@ local function consider_waiting(id, wait_score)
   end
 end
 
+-- Walk a rotation in order to its end if need be (keys that cannot take any request leave
+-- it as they are met, so only keys too short for this request's size are walked past).
+local function walk(zset_name)
+  local start = 0
+  while true do
+    local batch = redis.call('ZRANGE', zset_name, start, start + 7)
+    if #batch == 0 then return nil end
+    local parked = 0
+    for i = 1, #batch do
+      local s, scoped = consider(batch[i])
+      if s then return take(s, scoped) end
+      if not redis.call('ZSCORE', zset_name, batch[i]) then parked = parked + 1 end
+    end
+    -- keys parked by `admits` left the set: continue from where the survivors end
+    start = start + #batch - parked
+  end
+end
+
+if model ~= '' and zi == 1 and redis.call('EXISTS', model_set(model)) == 1 then
+  -- round robin over a model's keys: its own rotation, as flat as the provider's
+  local rotation = model_rotation(model)
+  local back = redis.call('ZRANGEBYSCORE', model_waiting(model), '-inf', now, 'LIMIT', 0, 64)
+  for i = 1, #back do
+    redis.call('ZREM', model_waiting(model), back[i])
+    local s = load(back[i])
+    if s and s.loc == 'r' then redis.call('ZADD', rotation, s.pass, s.id) end
+  end
+  local picked = walk(rotation)
+  if picked then return picked end
+  if fallback then return take(fallback, fallback_scoped) end
+  local members = redis.call('SMEMBERS', model_set(model))
+  for i = 1, #members do
+    local sc = redis.call('ZSCORE', K_WAIT, members[i])
+      or redis.call('ZSCORE', model_waiting(model), members[i])
+    if sc then consider_waiting(members[i], tonumber(sc)) end
+  end
+  return none()
+end
+
 if model ~= '' then
   local members = redis.call('SMEMBERS', model_set(model))
   if #members > 0 then
@@ -191,22 +244,9 @@ if model ~= '' then
   end
 end
 
--- The whole provider: walk the strategy's order to its end if need be (keys that cannot
--- take any request leave it as they are met, so only keys too short for this request's
--- size are walked past).
-local start = 0
-while true do
-  local batch = redis.call('ZRANGE', zset, start, start + 7)
-  if #batch == 0 then break end
-  local parked = 0
-  for i = 1, #batch do
-    local s, scoped = consider(batch[i])
-    if s then return take(s, scoped) end
-    if not redis.call('ZSCORE', zset, batch[i]) then parked = parked + 1 end
-  end
-  -- keys parked by `admits` left the set: continue from where the survivors end
-  start = start + #batch - parked
-end
+-- The whole provider, in the strategy's order.
+local picked = walk(zset)
+if picked then return picked end
 if fallback then return take(fallback, fallback_scoped) end
 
 local waiting = redis.call('ZRANGE', K_WAIT, 0, 63, 'WITHSCORES')

@@ -83,6 +83,8 @@ elseif action == 'remove' then
   local models = cjson.decode(s.models or '[]')
   local emptied = {}
   for i = 1, #models do
+    redis.call('ZREM', model_rotation(models[i]), id)
+    redis.call('ZREM', model_waiting(models[i]), id)
     redis.call('SREM', model_set(models[i]), id)
     if redis.call('EXISTS', model_set(models[i])) == 0 then emptied[#emptied + 1] = models[i] end
   end
@@ -107,10 +109,13 @@ elseif action == 'assign' or action == 'unassign' then
   end
   if action == 'assign' then
     redis.call('SADD', model_set(arg), id)
+    if s.loc == 'r' then redis.call('ZADD', model_rotation(arg), s.pass, id) end
     kept[#kept + 1] = arg
     if found then changed = 0 end
   else
     redis.call('SREM', model_set(arg), id)
+    redis.call('ZREM', model_rotation(arg), id)
+    redis.call('ZREM', model_waiting(arg), id)
     if not found then changed = 0 end
   end
   if #kept > 0 then

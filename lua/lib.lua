@@ -22,6 +22,11 @@
 --   k:<id>      hash  one key: configuration and state, one plain field each (HGETALL)
 --   kl:<id>     zset  the key's open lease ids -> expiry (keys with max_concurrency only)
 --   m:<model>   set   key ids assigned to a model
+--   mr:<model>  zset  the model's keys available now, in round-robin order (score as rr),
+--                     so routing a model is as flat as routing the provider
+--   mw:<model>  zset  the model's keys held back by a limit scope of that model (a cooldown
+--                     or a spent budget of key·model or account·model); score = ms when to
+--                     look again
 --   ak:<account>  set  key ids of an account
 --   scopes      set   names of the limit scopes below that exist
 --   s:a:<account>, s:am:<account>:<model>, s:km:<key_id>:<model>   hash  a limit scope
@@ -54,6 +59,15 @@ local function key_hash(id) return PREFIX .. 'k:' .. id end
 local function key_leases(id) return PREFIX .. 'kl:' .. id end
 local function model_set(model) return PREFIX .. 'm:' .. model end
 local function account_set(account) return PREFIX .. 'ak:' .. account end
+local function model_rotation(model) return PREFIX .. 'mr:' .. model end
+local function model_waiting(model) return PREFIX .. 'mw:' .. model end
+
+-- The models a key is assigned to (decoded once per call), or nil.
+local function key_models(s)
+  if s.models == nil or s.models == '' or s.models == '[]' then return nil end
+  if s.model_list == nil then s.model_list = cjson.decode(s.models) end
+  return s.model_list
+end
 
 -- Remember the earliest time housekeeping has work to do (only for a pool that exists:
 -- a read of an unknown provider writes nothing).
@@ -77,16 +91,21 @@ local NUMBERS = {
 }
 
 -- The key's state as a table, or nil when the key is not registered.
+-- Absent fields read as their default (numbers) or '' (text), through a metatable: a key
+-- hash holds only the fields that were ever written.
+local TEXT_DEFAULTS = { circ = '', loc = '', why = '', sealed = '', acct = '' }
+local STATE_MT = { __index = function(_, name) return NUMBERS[name] or TEXT_DEFAULTS[name] end }
+
 local function load(id)
   local raw = redis.call('HGETALL', key_hash(id))
   if #raw == 0 then return nil end
-  local s = { id = id, circ = '', loc = '', why = '', sealed = '', acct = '' }
-  for name, default in pairs(NUMBERS) do s[name] = default end
+  local s = setmetatable({ id = id }, STATE_MT)
   for i = 1, #raw, 2 do
     local name = raw[i]
-    if NUMBERS[name] then s[name] = tonumber(raw[i + 1]) or NUMBERS[name] else s[name] = raw[i + 1] end
+    local default = NUMBERS[name]
+    if default then s[name] = tonumber(raw[i + 1]) or default else s[name] = raw[i + 1] end
   end
-  if not s.fp then return nil end
+  if not rawget(s, 'fp') then return nil end
   if s.weight <= 0 then s.weight = 1 end
   return s
 end
@@ -114,8 +133,7 @@ local function load_scope(name)
   local raw = redis.call('HGETALL', PREFIX .. 's:' .. name)
   local h = false
   if #raw > 0 then
-    h = { name = name, why = '' }
-    for n, default in pairs(NUMBERS) do h[n] = default end
+    h = setmetatable({ name = name }, STATE_MT)
     for i = 1, #raw, 2 do
       if NUMBERS[raw[i]] then h[raw[i]] = tonumber(raw[i + 1]) or 0 else h[raw[i]] = raw[i + 1] end
     end
@@ -135,8 +153,7 @@ end
 local function scope_or_new(name)
   local h = load_scope(name)
   if h then return h end
-  h = { name = name, why = '' }
-  for n, default in pairs(NUMBERS) do h[n] = default end
+  h = setmetatable({ name = name }, STATE_MT)
   SCOPE_CACHE[name] = h
   return h
 end
@@ -301,6 +318,10 @@ local function place(s, w, now, rescore)
         if floor_wrr and s.wpass < floor_wrr then set(s, w, 'wpass', floor_wrr) end
       end
       for j = 1, #ACTIVE do redis.call('ZADD', STRATEGY_ZSETS[ACTIVE[j]], score(s, ACTIVE[j]), s.id) end
+      local models = key_models(s)
+      if models then
+        for j = 1, #models do redis.call('ZADD', model_rotation(models[j]), s.pass, s.id) end
+      end
       if s.loc == 'w' then redis.call('ZREM', K_WAIT, s.id) end
       set(s, w, 'loc', 'r')
     elseif rescore then
@@ -308,10 +329,18 @@ local function place(s, w, now, rescore)
         local i = ACTIVE[j]
         if rescore == 'all' or i > 2 then redis.call('ZADD', STRATEGY_ZSETS[i], score(s, i), s.id) end
       end
+      local models = rescore == 'all' and key_models(s)
+      if models then
+        for j = 1, #models do redis.call('ZADD', model_rotation(models[j]), 'XX', s.pass, s.id) end
+      end
     end
   else
     if s.loc == 'r' then
       for j = 1, #ACTIVE do redis.call('ZREM', STRATEGY_ZSETS[ACTIVE[j]], s.id) end
+      local models = key_models(s)
+      if models then
+        for j = 1, #models do redis.call('ZREM', model_rotation(models[j]), s.id) end
+      end
     end
     if at >= NEVER then
       if s.loc == 'w' then redis.call('ZREM', K_WAIT, s.id) end

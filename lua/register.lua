@@ -94,8 +94,10 @@ if #models > 0 then
   for i = 1, #models do
     redis.call('SADD', model_set(models[i]), id)
     if not seen[models[i]] then have[#have + 1] = models[i]; seen[models[i]] = true end
+    if s.loc == 'r' then redis.call('ZADD', model_rotation(models[i]), s.pass, id) end
   end
   set(s, w, 'models', cjson.encode(have))
+  s.model_list = nil
 end
 
 replace(s, w, now)

@@ -194,6 +194,8 @@ def test_every_key_is_in_the_readme_table_with_its_type(live: Live) -> None:
         p + "kl:limited",
         p + "m:gpt-4o",
         p + "m:limited-only",
+        p + "mr:gpt-4o",
+        p + "mr:limited-only",
         *(a + s for s in ("meta", "all", "fps", "rr", "k:claude-a")),
     }
     assert found == expected, (
@@ -240,7 +242,7 @@ def test_an_open_lease_is_listed_with_its_expiry(live: Live) -> None:
     assert set(leases) == {member}, leases
     record = live.cli.lines("HGET", live.keys.prefix + "lease", member)
     assert record[0] == "limited", record  # <key_id> \n <tokens> <in> <out> <ttl> \n <model>
-    assert record[1] == f"0 0 0 {int(LEASE_TTL * 1000)}", record
+    assert record[1] == f"0 0 0 {int(LEASE_TTL * 1000)} - -", record  # no account, no scope
     assert now < leases[member] <= now + LEASE_TTL * 1000
     assert leases[member] >= live.start_ms + LEASE_TTL * 1000 - 1000
     per_key = live.cli.zrange(live.keys.key_leases("limited"))

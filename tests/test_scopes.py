@@ -213,7 +213,9 @@ def test_four_processes_keep_itpm_and_otpm_apart(
     total_out = input_heavy * 10 + output_heavy * 50
     assert total_in <= 4000 + 4000 * 5 / 60, total_in  # a few seconds of refill at most
     assert total_out <= 400 + 400 * 5 / 60, total_out
-    assert input_heavy >= 6 and output_heavy >= 5, (input_heavy, output_heavy)
+    # each kind got its share, and one of the two budgets was what stopped them
+    assert input_heavy >= 4 and output_heavy >= 4, (input_heavy, output_heavy)
+    assert total_in >= 3500 or total_out >= 350, (total_in, total_out)
     [scope] = fleet.scopes(PROVIDER)
     assert scope.limits == {"itpm": 4000, "otpm": 400}
 
