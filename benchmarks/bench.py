@@ -110,7 +110,7 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         pool.acquire("openai", tokens=10).success(tokens=10)
         for size, p in sizes.items():
             p.acquire(providers[size]).success()
-        for size, p in routed.items():
+        for p in routed.values():
             p.acquire(model="routed").success()
         scoped.acquire("scoped", model="m", tokens=10).success(tokens=10)
 
