@@ -71,7 +71,7 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         prov = "m10" if size == 10 else "m5k"
         p.add_keys(
             ((prov, f"k{i:05d}", f"bench-secret-{prov}-{i}") for i in range(size)),
-            models=["routed"],
+            models=[f"routed{size}"],
             **BUDGETS,
         )
     # every limit scope in play: the key, the key for the model, the account, the account
@@ -110,8 +110,8 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         pool.acquire("openai", tokens=10).success(tokens=10)
         for size, p in sizes.items():
             p.acquire(providers[size]).success()
-        for p in routed.values():
-            p.acquire(model="routed").success()
+        for size, p in routed.items():
+            p.acquire(model=f"routed{size}").success()
         scoped.acquire("scoped", model="m", tokens=10).success(tokens=10)
 
     for r in range(rounds):
