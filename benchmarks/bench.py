@@ -150,9 +150,9 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         for size, p in routed.items():
             name = f"acquire+success, model of {size:,} keys"
 
-            def by_model(p: KeyPool = p, name: str = name) -> None:
+            def by_model(p: KeyPool = p, name: str = name, model: str = f"routed{size}") -> None:
                 timed(
-                    lambda: p.acquire(model="routed", tokens=10).success(tokens=10),
+                    lambda: p.acquire(model=model, tokens=10).success(tokens=10),
                     batch,
                     add(name),
                 )
