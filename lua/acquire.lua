@@ -198,6 +198,7 @@ end
 
 if model ~= '' and zi == 1 and redis.call('EXISTS', model_set(model)) == 1 then
   -- round robin over a model's keys: its own rotation, as flat as the provider's
+  ensure_model_rotation(model)
   local rotation = model_rotation(model)
   local back = redis.call('ZRANGEBYSCORE', model_waiting(model), '-inf', now, 'LIMIT', 0, 64)
   for i = 1, #back do

@@ -86,7 +86,10 @@ elseif action == 'remove' then
     redis.call('ZREM', model_rotation(models[i]), id)
     redis.call('ZREM', model_waiting(models[i]), id)
     redis.call('SREM', model_set(models[i]), id)
-    if redis.call('EXISTS', model_set(models[i])) == 0 then emptied[#emptied + 1] = models[i] end
+    if redis.call('EXISTS', model_set(models[i])) == 0 then
+      emptied[#emptied + 1] = models[i]
+      drop_model_rotation(models[i])
+    end
   end
   if s.acct ~= '' then redis.call('SREM', account_set(s.acct), id) end
   local mine_prefix = 'km:' .. id .. ':'
@@ -109,6 +112,7 @@ elseif action == 'assign' or action == 'unassign' then
   end
   if action == 'assign' then
     redis.call('SADD', model_set(arg), id)
+    ensure_model_rotation(arg)
     if s.loc == 'r' then redis.call('ZADD', model_rotation(arg), s.pass, id) end
     kept[#kept + 1] = arg
     if found then changed = 0 end
@@ -124,7 +128,10 @@ elseif action == 'assign' or action == 'unassign' then
     redis.call('HDEL', h, 'models')
   end
   local emptied = {}
-  if redis.call('EXISTS', model_set(arg)) == 0 then emptied[1] = arg end
+  if redis.call('EXISTS', model_set(arg)) == 0 then
+    emptied[1] = arg
+    drop_model_rotation(arg)
+  end
   return { 'OK', changed, emptied }
 elseif action == 'renew' then
   if not redis.call('ZSCORE', K_LEASES, arg) then return { 'OK', 0 } end

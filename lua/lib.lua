@@ -24,6 +24,7 @@
 --   m:<model>   set   key ids assigned to a model
 --   mr:<model>  zset  the model's keys available now, in round-robin order (score as rr),
 --                     so routing a model is as flat as routing the provider
+--   mrs         set   the models whose rotation mr:<model> is kept (built on first use)
 --   mw:<model>  zset  the model's keys held back by a limit scope of that model (a cooldown
 --                     or a spent budget of key·model or account·model); score = ms when to
 --                     look again
@@ -396,6 +397,23 @@ local function scope_of(letter, key_id, acct, model)
   if letter == 'a' then return load_scope('a:' .. acct) end
   if letter == 'm' then return load_scope('am:' .. acct .. ':' .. model) end
   return load_scope('km:' .. key_id .. ':' .. model)
+end
+
+-- Make sure the model's rotation exists (built from its available keys the first time:
+-- kept up to date from then on by place()).
+local function ensure_model_rotation(model)
+  if redis.call('SADD', PREFIX .. 'mrs', model) == 0 then return end
+  local ids = redis.call('SMEMBERS', model_set(model))
+  for i = 1, #ids do
+    local s = load(ids[i])
+    if s and s.loc == 'r' then redis.call('ZADD', model_rotation(model), s.pass, s.id) end
+  end
+end
+
+-- A model left with no key: its rotation goes too.
+local function drop_model_rotation(model)
+  redis.call('DEL', model_rotation(model), model_waiting(model))
+  redis.call('SREM', PREFIX .. 'mrs', model)
 end
 
 -- ---------------------------------------------------------------- leases and records

@@ -94,6 +94,7 @@ if #models > 0 then
   for i = 1, #models do
     redis.call('SADD', model_set(models[i]), id)
     if not seen[models[i]] then have[#have + 1] = models[i]; seen[models[i]] = true end
+    ensure_model_rotation(models[i])
     if s.loc == 'r' then redis.call('ZADD', model_rotation(models[i]), s.pass, id) end
   end
   set(s, w, 'models', cjson.encode(have))

@@ -189,7 +189,7 @@ def test_every_key_is_in_the_readme_table_with_its_type(live: Live) -> None:
         f"{live.ns}:providers",
         f"{live.ns}:model:gpt-4o",
         f"{live.ns}:model:limited-only",
-        *(p + s for s in ("meta", "all", "fps", "wait", "leases", "lease", "done", "rr")),
+        *(p + s for s in ("meta", "all", "fps", "wait", "leases", "lease", "done", "rr", "mrs")),
         *(p + "k:" + k for k in ("active-a", "cooling", "off", "limited")),
         p + "kl:limited",
         p + "m:gpt-4o",
