@@ -94,8 +94,9 @@ local NUMBERS = {
 -- The key's state as a table, or nil when the key is not registered.
 -- Absent fields read as their default (numbers) or '' (text), through a metatable: a key
 -- hash holds only the fields that were ever written.
-local TEXT_DEFAULTS = { circ = '', loc = '', why = '', sealed = '', acct = '' }
-local STATE_MT = { __index = function(_, name) return NUMBERS[name] or TEXT_DEFAULTS[name] end }
+local DEFAULTS = nil   -- NUMBERS and the text fields' '' (made by begin(): a library's
+                      -- top level may not iterate)
+local STATE_MT = {}
 
 local function load(id)
   local raw = redis.call('HGETALL', key_hash(id))
@@ -544,6 +545,11 @@ local function begin(keys, args)
     BEGUN_PREFIX, BEGUN_ZS = args[1], nil
   end
   SCOPE_CACHE = {}
+  if not DEFAULTS then
+    DEFAULTS = { circ = '', loc = '', why = '', sealed = '', acct = '' }
+    for name, default in pairs(NUMBERS) do DEFAULTS[name] = default end
+    STATE_MT.__index = DEFAULTS
+  end
   local meta = redis.call('HMGET', K_META, 'epoch', 'zs', 'due')
   EPOCH = meta[1]
   local zs = meta[2] or ''
