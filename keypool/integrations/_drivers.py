@@ -181,6 +181,7 @@ class SyncBody:
             report_sync(Report(self._hold, "success", usage=self._meter.usage()))
 
 
+# asyncio twin of SyncBody: the stream differs only in async iteration and await
 class AsyncBody:
     """The asyncio twin of :class:`SyncBody`; ``report`` makes its reports."""
 
@@ -401,6 +402,8 @@ class SyncPoolAuth(_PoolAuthBase):
         return _drive_async(self._flow(request), self._aexecute)
 
 
+# asyncio twin of SyncPoolAuth: the same arguments and flow; the drivers differ only in
+# await and in how the lease is kept alive (a task, not a thread)
 class AsyncPoolAuth(_PoolAuthBase):
     """Auth leasing a key from an :class:`~keypool.AsyncKeyPool` for each request of an
     asyncio client."""
