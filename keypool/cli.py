@@ -874,59 +874,56 @@ def cmd_import(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- operator actions
 
 
-def cmd_disable(args: argparse.Namespace) -> int:
+def _key_action(
+    args: argparse.Namespace,
+    act: Callable[[KeyPool, str, str], object],
+    done: Callable[[str], str],
+) -> int:
+    """One operator action on one key (``keypool disable|enable|reset|remove|assign-model|
+    unassign-model``): check the key, act, print ``done(label of the key)``."""
     provider, key_id = _check_key_args(args.provider, args.key_id)
     with _open_pool(args, mutating=True) as pool:
         _require_provider(pool, provider)
-        pool.disable_key(provider, key_id, reason=args.reason)
-    why = f" (reason: {redact(args.reason)})" if args.reason else ""
-    print(f"disabled {_label(provider, key_id)}{why}")
+        act(pool, provider, key_id)
+    print(done(_label(provider, key_id)))
     return EXIT_OK
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    why = f" (reason: {redact(args.reason)})" if args.reason else ""
+    return _key_action(
+        args,
+        lambda pool, p, k: pool.disable_key(p, k, reason=args.reason),
+        lambda key: f"disabled {key}{why}",
+    )
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
-    provider, key_id = _check_key_args(args.provider, args.key_id)
-    with _open_pool(args, mutating=True) as pool:
-        _require_provider(pool, provider)
-        pool.enable_key(provider, key_id)
-    print(f"enabled {_label(provider, key_id)}")
-    return EXIT_OK
+    return _key_action(args, KeyPool.enable_key, lambda key: f"enabled {key}")
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    provider, key_id = _check_key_args(args.provider, args.key_id)
-    with _open_pool(args, mutating=True) as pool:
-        _require_provider(pool, provider)
-        pool.reset_key(provider, key_id)
-    print(f"reset {_label(provider, key_id)}")
-    return EXIT_OK
+    return _key_action(args, KeyPool.reset_key, lambda key: f"reset {key}")
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    provider, key_id = _check_key_args(args.provider, args.key_id)
-    with _open_pool(args, mutating=True) as pool:
-        _require_provider(pool, provider)
-        pool.remove_key(provider, key_id)
-    print(f"removed {_label(provider, key_id)}")
-    return EXIT_OK
+    return _key_action(args, KeyPool.remove_key, lambda key: f"removed {key}")
 
 
 def cmd_assign_model(args: argparse.Namespace) -> int:
-    provider, key_id = _check_key_args(args.provider, args.key_id)
-    with _open_pool(args, mutating=True) as pool:
-        _require_provider(pool, provider)
-        pool.assign_model(args.model, provider, key_id)
-    print(f"assigned model {args.model!r} to {_label(provider, key_id)}")
-    return EXIT_OK
+    return _key_action(
+        args,
+        lambda pool, p, k: pool.assign_model(args.model, p, k),
+        lambda key: f"assigned model {args.model!r} to {key}",
+    )
 
 
 def cmd_unassign_model(args: argparse.Namespace) -> int:
-    provider, key_id = _check_key_args(args.provider, args.key_id)
-    with _open_pool(args, mutating=True) as pool:
-        _require_provider(pool, provider)
-        pool.unassign_model(args.model, provider, key_id)
-    print(f"unassigned model {args.model!r} from {_label(provider, key_id)}")
-    return EXIT_OK
+    return _key_action(
+        args,
+        lambda pool, p, k: pool.unassign_model(args.model, p, k),
+        lambda key: f"unassigned model {args.model!r} from {key}",
+    )
 
 
 def cmd_limits_set(args: argparse.Namespace) -> int:

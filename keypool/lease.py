@@ -171,6 +171,8 @@ class Lease(_LeaseBase):
             self.release()
 
 
+# asyncio twin of Lease: each method differs from Lease's only in await (the checks and
+# the report are shared, in _LeaseBase and the report flow)
 class AsyncLease(_LeaseBase):
     """The asyncio twin of :class:`Lease`: ``await lease.success()``, ``async with``."""
 

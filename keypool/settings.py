@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_serializer, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,8 +11,9 @@ from .errors import ConfigError
 
 __all__ = ["STRATEGIES", "KeyPoolSettings", "load_settings"]
 
-STRATEGIES = ("round_robin", "weighted", "least_busy", "best", "latency")
+# the strategies, named once on this side (lua/lib.lua's STRATEGY_INDEX is the other side)
 Strategy = Literal["round_robin", "weighted", "least_busy", "best", "latency"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 class KeyPoolSettings(BaseSettings):

@@ -246,6 +246,7 @@ def open_store(url: str, *, socket_timeout: float, connect_timeout: float) -> An
     )
 
 
+# asyncio twin of open_store: the same URL kinds, built on redis.asyncio classes
 def open_store_async(url: str, *, socket_timeout: float, connect_timeout: float) -> Any:
     """The ``redis.asyncio`` twin of :func:`open_store` (same stores, same state)."""
     spec = parse_url(url)

@@ -1,7 +1,7 @@
 """The blocking and asyncio drivers of :func:`~keypool.integrations._flow.auth_flow`, and
 the auth classes built on them for any httpx-like library (``httpx``, ``httpx2``).
 
-A library module binds them to its own classes with a :class:`Library` and two one-line
+A library module binds them to its own classes with :func:`library_of` and two one-line
 subclasses (``class KeyPoolAuth(SyncPoolAuth, httpx2.Auth)``): there is one implementation
 behind every library, blocking or asyncio.
 """
@@ -38,7 +38,7 @@ from ._flow import (
 from ._keepalive import _TASKS, Hold, renew_in_task, renewer
 from ._usage import Usage, UsageMeter
 
-__all__ = ["AsyncBody", "AsyncPoolAuth", "Library", "SyncBody", "SyncPoolAuth"]
+__all__ = ["AsyncBody", "AsyncPoolAuth", "Library", "SyncBody", "SyncPoolAuth", "library_of"]
 
 AsyncReport = Callable[[Report], Awaitable["Failure | None"]]
 
@@ -181,6 +181,7 @@ class SyncBody:
             report_sync(Report(self._hold, "success", usage=self._meter.usage()))
 
 
+# asyncio twin of SyncBody: the stream differs only in async iteration and await
 class AsyncBody:
     """The asyncio twin of :class:`SyncBody`; ``report`` makes its reports."""
 
@@ -206,6 +207,26 @@ class AsyncBody:
         finally:
             if not self._hold.done:
                 await self._report(Report(self._hold, "success", usage=self._meter.usage()))
+
+
+def library_of(module: Any) -> Library:
+    """The :class:`Library` of an httpx-like module (``httpx``, ``httpx2``): its stream
+    classes, with the watched bodies subclassing them, and its content decoding."""
+
+    def decode(data: bytes, encoding: str) -> bytes:
+        response = module.Response(200, headers={"content-encoding": encoding}, content=data)
+        content: bytes = response.content
+        return content
+
+    return Library(
+        name=module.__name__,
+        response_not_read=module.ResponseNotRead,
+        sync_stream=module.SyncByteStream,
+        async_stream=module.AsyncByteStream,
+        sync_body=type("SyncBody", (SyncBody, module.SyncByteStream), {}),
+        async_body=type("AsyncBody", (AsyncBody, module.AsyncByteStream), {}),
+        decode=decode,
+    )
 
 
 # --------------------------------------------------------------------------- drivers
@@ -381,6 +402,8 @@ class SyncPoolAuth(_PoolAuthBase):
         return _drive_async(self._flow(request), self._aexecute)
 
 
+# asyncio twin of SyncPoolAuth: the same arguments and flow; the drivers differ only in
+# await and in how the lease is kept alive (a task, not a thread)
 class AsyncPoolAuth(_PoolAuthBase):
     """Auth leasing a key from an :class:`~keypool.AsyncKeyPool` for each request of an
     asyncio client."""

@@ -41,7 +41,7 @@ import anthropic
 from ..aio import AsyncKeyPool
 from ..errors import KeyPoolError
 from ..pool import KeyPool
-from ._sdk import PLACEHOLDER_KEY, pooled_auth, refuse
+from ._sdk import acquire_options, sdk_client_kwargs
 
 __all__ = ["anthropic_client", "async_anthropic_client"]
 
@@ -64,6 +64,7 @@ class _PooledAnthropic(anthropic.Anthropic):
             raise _unwrapped(exc) from None
 
 
+# asyncio twin of _PooledAnthropic: the SDK's request differs only in await
 class _PooledAsyncAnthropic(anthropic.AsyncAnthropic):
     """The asyncio twin of :class:`_PooledAnthropic`."""
 
@@ -72,26 +73,6 @@ class _PooledAsyncAnthropic(anthropic.AsyncAnthropic):
             return await super().request(*args, **kwargs)
         except anthropic.APIConnectionError as exc:
             raise _unwrapped(exc) from None
-
-
-def _client_kwargs(
-    pool: KeyPool | AsyncKeyPool,
-    pool_provider: object,
-    options: dict[str, Any],
-    kwargs: dict[str, Any],
-    *,
-    asyncio: bool,
-) -> dict[str, Any]:
-    refuse(kwargs, _REFUSED, "anthropic")
-    auth = pooled_auth(pool, pool_provider, options, asyncio=asyncio)
-    client = kwargs.pop("http_client", None)
-    if client is None:
-        make = anthropic.DefaultAsyncHttpxClient if asyncio else anthropic.DefaultHttpxClient
-        client = make(auth=auth, follow_redirects=False)  # the key is not in Authorization
-    else:
-        client.auth = auth
-    kwargs.setdefault("max_retries", 0)
-    return {"api_key": PLACEHOLDER_KEY, "http_client": client, **kwargs}
 
 
 def anthropic_client(
@@ -107,11 +88,16 @@ def anthropic_client(
 ) -> anthropic.Anthropic:
     """An ``anthropic.Anthropic`` leasing a key from ``pool`` for every request (see the
     module). An ``http_client=`` given is used with its ``auth`` replaced by the pool's."""
-    options = {"model": model, "strategy": strategy, "tokens": tokens, "wait": wait}
-    options["retries"] = retries
-    return _PooledAnthropic(**_client_kwargs(pool, pool_provider, options, kwargs, asyncio=False))
+    options = acquire_options(model, strategy, tokens, wait, retries)
+    return _PooledAnthropic(
+        **sdk_client_kwargs(
+            anthropic, _REFUSED, pool, pool_provider, options, kwargs, asyncio=False
+        )
+    )
 
 
+# asyncio twin of anthropic_client (and of the openai/google factories): the keyword
+# arguments are spelled out in each for typed callers; the work is in _sdk.
 def async_anthropic_client(
     apool: AsyncKeyPool | KeyPool,
     *,
@@ -125,8 +111,9 @@ def async_anthropic_client(
 ) -> anthropic.AsyncAnthropic:
     """An ``anthropic.AsyncAnthropic`` leasing a key from ``apool`` for every request. A
     blocking :class:`~keypool.KeyPool` works too (its calls then run in a worker thread)."""
-    options = {"model": model, "strategy": strategy, "tokens": tokens, "wait": wait}
-    options["retries"] = retries
+    options = acquire_options(model, strategy, tokens, wait, retries)
     return _PooledAsyncAnthropic(
-        **_client_kwargs(apool, pool_provider, options, kwargs, asyncio=True)
+        **sdk_client_kwargs(
+            anthropic, _REFUSED, apool, pool_provider, options, kwargs, asyncio=True
+        )
     )

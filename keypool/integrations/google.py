@@ -40,7 +40,7 @@ from google.genai import types
 
 from ..aio import AsyncKeyPool
 from ..pool import KeyPool
-from ._sdk import PLACEHOLDER_KEY, pooled_auth, refuse
+from ._sdk import PLACEHOLDER_KEY, acquire_options, pooled_auth, refuse
 
 __all__ = ["async_genai_client", "genai_client"]
 
@@ -68,18 +68,6 @@ def _client(
     return genai.Client(api_key=PLACEHOLDER_KEY, http_options=options, **kwargs)
 
 
-def _options(
-    model: str | None, strategy: str | None, tokens: int, wait: float | None, retries: int
-) -> dict[str, Any]:
-    return {
-        "model": model,
-        "strategy": strategy,
-        "tokens": tokens,
-        "wait": wait,
-        "retries": retries,
-    }
-
-
 def genai_client(
     pool: KeyPool,
     *,
@@ -94,11 +82,13 @@ def genai_client(
 ) -> genai.Client:
     """A ``google.genai.Client`` leasing a key from ``pool`` for every request, blocking
     (``client.models``) or asyncio (``client.aio.models``); see the module."""
-    options = _options(model, strategy, tokens, wait, retries)
+    options = acquire_options(model, strategy, tokens, wait, retries)
     sync_auth = pooled_auth(pool, pool_provider, options, asyncio=False)
     return _client(sync_auth, sync_auth, http_options, kwargs)
 
 
+# asyncio twin of genai_client (and of the openai/anthropic factories): the keyword
+# arguments are spelled out in each for typed callers; the work is in _sdk and _client.
 def async_genai_client(
     apool: AsyncKeyPool,
     *,
@@ -113,6 +103,6 @@ def async_genai_client(
 ) -> genai.Client:
     """A ``google.genai.Client`` whose ``client.aio`` leases a key from ``apool`` for every
     request; see the module."""
-    options = _options(model, strategy, tokens, wait, retries)
+    options = acquire_options(model, strategy, tokens, wait, retries)
     async_auth = pooled_auth(apool, pool_provider, options, asyncio=True)
     return _client(async_auth, async_auth, http_options, kwargs)

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import httpx
 
-from ._drivers import AsyncBody, AsyncPoolAuth, Library, SyncBody, SyncPoolAuth
+from ._drivers import AsyncPoolAuth, SyncPoolAuth, library_of
 from ._flow import (
     ANTHROPIC_VERSION,
     KEY_ID_EXTENSION,
@@ -98,28 +98,7 @@ __all__ = [
     "usage_tokens",
 ]
 
-
-class _SyncBody(SyncBody, httpx.SyncByteStream):
-    pass
-
-
-class _AsyncBody(AsyncBody, httpx.AsyncByteStream):
-    pass
-
-
-def _decode(data: bytes, encoding: str) -> bytes:
-    return httpx.Response(200, headers={"content-encoding": encoding}, content=data).content
-
-
-_LIBRARY = Library(
-    name="httpx",
-    response_not_read=httpx.ResponseNotRead,
-    sync_stream=httpx.SyncByteStream,
-    async_stream=httpx.AsyncByteStream,
-    sync_body=_SyncBody,
-    async_body=_AsyncBody,
-    decode=_decode,
-)
+_LIBRARY = library_of(httpx)
 
 
 class KeyPoolAuth(SyncPoolAuth, httpx.Auth):

@@ -37,31 +37,11 @@ import openai
 
 from ..aio import AsyncKeyPool
 from ..pool import KeyPool
-from ._sdk import PLACEHOLDER_KEY, pooled_auth, refuse
+from ._sdk import acquire_options, sdk_client_kwargs
 
 __all__ = ["async_openai_client", "openai_client"]
 
 _REFUSED = ("api_key", "admin_api_key", "workload_identity")
-
-
-def _client_kwargs(
-    pool: KeyPool | AsyncKeyPool,
-    pool_provider: object,
-    options: dict[str, Any],
-    kwargs: dict[str, Any],
-    *,
-    asyncio: bool,
-) -> dict[str, Any]:
-    refuse(kwargs, _REFUSED, "openai")
-    auth = pooled_auth(pool, pool_provider, options, asyncio=asyncio)
-    client = kwargs.pop("http_client", None)
-    if client is None:
-        make = openai.DefaultAsyncHttpxClient if asyncio else openai.DefaultHttpxClient
-        client = make(auth=auth, follow_redirects=False)
-    else:
-        client.auth = auth
-    kwargs.setdefault("max_retries", 0)
-    return {"api_key": PLACEHOLDER_KEY, "http_client": client, **kwargs}
 
 
 def openai_client(
@@ -77,11 +57,14 @@ def openai_client(
 ) -> openai.OpenAI:
     """An ``openai.OpenAI`` leasing a key from ``pool`` for every request (see the module).
     An ``http_client=`` given is used with its ``auth`` replaced by the pool's."""
-    options = {"model": model, "strategy": strategy, "tokens": tokens, "wait": wait}
-    options["retries"] = retries
-    return openai.OpenAI(**_client_kwargs(pool, pool_provider, options, kwargs, asyncio=False))
+    options = acquire_options(model, strategy, tokens, wait, retries)
+    return openai.OpenAI(
+        **sdk_client_kwargs(openai, _REFUSED, pool, pool_provider, options, kwargs, asyncio=False)
+    )
 
 
+# asyncio twin of openai_client (and of the anthropic/google factories): the keyword
+# arguments are spelled out in each for typed callers; the work is in _sdk.
 def async_openai_client(
     apool: AsyncKeyPool | KeyPool,
     *,
@@ -95,6 +78,7 @@ def async_openai_client(
 ) -> openai.AsyncOpenAI:
     """An ``openai.AsyncOpenAI`` leasing a key from ``apool`` for every request. A blocking
     :class:`~keypool.KeyPool` works too (its calls then run in a worker thread)."""
-    options = {"model": model, "strategy": strategy, "tokens": tokens, "wait": wait}
-    options["retries"] = retries
-    return openai.AsyncOpenAI(**_client_kwargs(apool, pool_provider, options, kwargs, asyncio=True))
+    options = acquire_options(model, strategy, tokens, wait, retries)
+    return openai.AsyncOpenAI(
+        **sdk_client_kwargs(openai, _REFUSED, apool, pool_provider, options, kwargs, asyncio=True)
+    )

@@ -16,6 +16,7 @@ import httpx2
 
 from ..aio import AsyncKeyPool
 from ..errors import NoKeyAvailable, PoolUnavailable
+from ..integrations._usage import Usage, UsageMeter
 from ..kinds import ErrorKind
 from ..lease import AsyncLease
 from ..log import redact
@@ -24,7 +25,6 @@ from .http import Receive, Send, error_response, respond
 from .metrics import GatewayMetrics
 from .routing import RequestInfo
 from .upstreams import Upstream
-from .usage import UsageTap
 
 __all__ = ["Forwarder", "UpstreamError"]
 
@@ -298,7 +298,7 @@ class Forwarder:
         headers = response_headers(raw)
         headers.append((KEY_ID_HEADER, lease.key_id.encode()))
         has_length = any(n == b"content-length" for n, _ in headers)
-        tap = UsageTap(
+        tap = UsageMeter(
             response.headers.get("content-type", ""), response.headers.get("content-encoding", "")
         )
         task = asyncio.current_task()
@@ -344,14 +344,14 @@ class Forwarder:
             if watcher is not None:
                 watcher.cancel()
             await response.aclose()
-        usage = tap.finish()
+        usage = tap.usage() or Usage()
         await self._success(lease, usage.input_tokens, usage.output_tokens, usage.total, sent_at)
 
-    async def _client_gone(self, ex: Exchange, lease: AsyncLease, tap: UsageTap) -> None:
+    async def _client_gone(self, ex: Exchange, lease: AsyncLease, tap: UsageMeter) -> None:
         """The client left mid-stream: the key did nothing wrong. Usage seen so far is
         reported as a success; with none seen, the lease is released."""
-        usage = tap.finish()
-        if usage.known:
+        usage = tap.usage()
+        if usage is not None:
             await self._success(lease, usage.input_tokens, usage.output_tokens, usage.total, None)
         else:
             await self._release(lease)
