@@ -58,7 +58,10 @@ class AcquireContext:
 class AsyncKeyPool(PoolCore):
     """The asyncio twin of :class:`KeyPool`: every method is ``async def`` (``acquire`` is
     awaitable and an async context manager). Same store, same scripts, same state: sync and
-    async processes share one pool."""
+    async processes share one pool.
+
+    Each public method is the twin of :class:`KeyPool`'s method of the same name, on
+    purpose: both run the same flow (:mod:`keypool.flows`), and differ only in ``await``."""
 
     def __init__(
         self,

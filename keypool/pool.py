@@ -30,6 +30,9 @@ class KeyPool(PoolCore):
     ``url`` (default: ``KEYPOOL_REDIS_URL``, else ``memory://``) picks the store;
     ``namespace`` separates pools on one Redis; ``settings`` overrides the environment.
     Thread-safe; safe across ``fork`` (connections are reopened in the child).
+
+    Each public method runs one flow of :mod:`keypool.flows`; :class:`AsyncKeyPool` has the
+    same methods, awaiting the same flows (twins on purpose: only ``await`` differs).
     """
 
     def __init__(

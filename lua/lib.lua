@@ -12,7 +12,8 @@
 --   fps         hash  fingerprint -> key id (one secret is one key of the provider)
 --   wait        zset  key ids unavailable for now; score = ms when to look again
 --   leases      zset  open lease ids; score = expiry, ms
---   lease       hash  lease id -> record "<key_id>\n<tokens> <input> <output> <ttl>\n<model>"
+--   lease       hash  lease id -> record "<key_id>\n<tokens> <input> <output> <ttl> <account>
+--                     <scopes>\n<model>" (see record() below)
 --                     (open leases, and records kept a while to recognise a repeated call)
 --   done        zset  ids of records kept only to recognise repeats; score = ms to forget
 --   rr wrr best busy lat   zsets of available key ids, one per strategy (scores: last

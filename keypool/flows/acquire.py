@@ -10,18 +10,18 @@ from ..keyspace import model_providers_key
 from ..local import Held, new_lease_id
 from ..log import remember_secret
 from ..ops import Cmd, Flow, Picked, Run, Sleep
-from ..protocol import Acquire, Granted, Lost, Report, parse_acquire
+from ..protocol import Acquire, Granted, Lost, parse_acquire
 from ..providers import normalize_provider, validate_model
 from ..settings import STRATEGIES
 from ..validate import seconds_arg, tokens_arg
-from .register import RegisterFlows
+from .report import ReportFlows
 
 __all__ = ["AcquireFlows"]
 
 MAX_WAIT = 7 * 86_400.0
 
 
-class AcquireFlows(RegisterFlows):
+class AcquireFlows(ReportFlows):
     def _acquire_flow(
         self,
         provider: object | None,
@@ -229,20 +229,7 @@ class AcquireFlows(RegisterFlows):
         )
 
     def _give_back_flow(self, provider: str, key_id: str, call_id: str) -> Flow:
-        call = Report(
-            call_id=call_id,
-            key_id=key_id,
-            outcome="release",
-            leased=True,
-            tokens=None,
-            input_tokens=None,
-            output_tokens=None,
-            latency_ms=None,
-            retry_after_ms=None,
-            detail="",
-            cooldowns=self._cooldowns,
-        )
-        yield Run(provider, call)
+        yield Run(provider, self._report_call(call_id, key_id, "release", leased=True))
 
     def _providers_for_model_flow(self, model: str) -> Flow:
         cached = self._state.providers_of_model(model)

@@ -12,7 +12,6 @@ from ..ops import Flow, Invoke, Picked
 from ..providers import normalize_provider, validate_model
 from ..validate import max_attempts_arg
 from .acquire import AcquireFlows
-from .report import ReportFlows
 
 __all__ = ["CallFlows", "call_plan"]
 
@@ -87,7 +86,7 @@ def spent(
     return last_error
 
 
-class CallFlows(AcquireFlows, ReportFlows):
+class CallFlows(AcquireFlows):
     def _call_flow(
         self,
         fn: Any,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import UnknownKey
 from ..ops import Flow, Run
 from ..protocol import LIMIT_NAMES, SetLimits, ShowLimits
 from ..providers import normalize_provider, validate_account, validate_key_id, validate_model
@@ -55,11 +54,7 @@ class LimitFlows(RegisterFlows):
             remembered = SetLimits(kind, owner, model_name, merged)
         else:
             remembered = call
-        reply = yield Run(name, call)
-        if reply[0] == "UNKNOWN" and (yield from self._recover_flow(name, owner)):
-            reply = yield Run(name, call)
-        if reply[0] == "UNKNOWN":
-            raise UnknownKey(f"no key {owner!r} for provider {name!r}")
+        yield from self._known_flow(name, owner, call)
         self._state.remember_limits(name, where, remembered)
         self._log.info(
             "limits_set", provider=name, scope=kind, owner=owner, model=model_name or None

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from ..classify import Failure, classify
 from ..local import new_lease_id
 from ..ops import Flow, Picked, Run
-from ..protocol import Report, ReportReply, parse_report
+from ..protocol import Admin, Report, ReportReply, parse_admin, parse_report
 from ..validate import DAY_SECONDS, seconds_arg, tokens_arg
 from .register import RegisterFlows
 
@@ -105,7 +105,12 @@ class ReportFlows(RegisterFlows):
             and (yield from self._recover_flow(picked.provider, picked.key_id))
         ):
             again = self._report_call(
-                picked.lease_id, picked.key_id, outcome, leased=False, failure=failure
+                picked.lease_id,
+                picked.key_id,
+                outcome,
+                leased=False,
+                failure=failure,
+                scope=scope_arg(scope),
             )
             reply = parse_report((yield Run(picked.provider, again)))
         self._log_report(picked.provider, picked.key_id, outcome, failure, reply)
@@ -176,8 +181,6 @@ class ReportFlows(RegisterFlows):
         return failure
 
     def _renew_flow(self, picked: Picked, ttl: float | None) -> Flow:
-        from ..protocol import Admin, parse_admin
-
         seconds = seconds_arg("ttl", ttl, DAY_SECONDS, positive=True)
         ms = int((seconds if seconds is not None else self.settings.lease_ttl) * 1000)
         call = Admin(new_lease_id(), picked.key_id, "renew", picked.lease_id, ms)
