@@ -4,6 +4,7 @@ and a short cache of model routing. One object, one lock."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import threading
@@ -61,6 +62,7 @@ class LocalState:
         self._held: dict[str, dict[str, Held]] = {}
         self._unusable: dict[str, set[str]] = {}
         self._unusable_why: dict[str, str] = {}
+        self._unusable_written: dict[str, tuple[str, float]] = {}  # digest, when written
         self._epochs: dict[str, str] = {}
         self._models: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._limits: dict[str, dict[tuple[str, str, str], Any]] = {}
@@ -130,6 +132,25 @@ class LocalState:
         with self._lock:
             self._unusable.setdefault(provider, set()).add(key_id)
             self._unusable_why[provider] = why
+            self._unusable_written.pop(provider, None)
+
+    def unusable_digest(self, provider: str) -> tuple[str, list[str] | None]:
+        """The name of the store set of the keys this process cannot use ('' when none),
+        and the ids to write there first when it is new or an hour old (else None)."""
+        with self._lock:
+            ids = sorted(self._unusable.get(provider, ()))
+            if not ids:
+                return "", None
+            digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()[:16]
+            written = self._unusable_written.get(provider)
+            if (
+                written is not None
+                and written[0] == digest
+                and time.monotonic() - written[1] < 3600
+            ):
+                return digest, None
+            self._unusable_written[provider] = (digest, time.monotonic())
+            return digest, ids
 
     def unusable(self, provider: str) -> list[str]:
         with self._lock:
@@ -143,6 +164,7 @@ class LocalState:
         with self._lock:
             for provider in providers:
                 self._unusable.pop(provider, None)
+                self._unusable_written.pop(provider, None)
 
     # ---------------------------------------------------------------- epochs
 

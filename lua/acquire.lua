@@ -16,7 +16,9 @@
 -- ARGV[10] the pool epoch this process registered its keys under ('' to skip the check)
 -- ARGV[11] '1' when only the model's keys may serve even if it has none here (the
 --          provider was found through the model), '' otherwise
--- ARGV[12] key ids this process cannot use (no secret for them here), space-separated
+-- ARGV[12] '' or the digest naming the set "<prefix>u:<digest>" of key ids this process
+--          cannot use (no secret for them here): asked only about the keys considered, so
+--          the call costs the same however many there are
 --
 -- Reply:
 --   {'OK', key_id, fingerprint, sealed_secret_or_empty, now_ms}
@@ -32,8 +34,10 @@ local model = ARGV[8]
 local avoid = ARGV[9]
 local want_epoch = ARGV[10]
 local model_only = ARGV[11] == '1'
-local unusable = {}
-for id in string.gmatch(ARGV[12] or '', '%S+') do unusable[id] = true end
+local unusable_set = (ARGV[12] or '') ~= '' and PREFIX .. 'u:' .. ARGV[12]
+local function unusable(id)
+  return unusable_set and redis.call('SISMEMBER', unusable_set, id) == 1
+end
 
 local zi = STRATEGY_INDEX[strategy]
 if not zi then return redis.error_reply('ERR keypool: unknown strategy ' .. strategy) end
@@ -135,7 +139,7 @@ end
 local fallback, fallback_scoped = nil, nil   -- the avoided key, when only it could serve
 
 local function consider(id)
-  if unusable[id] then return nil end
+  if unusable(id) then return nil end
   local s = load(id)
   if not s then
     for j = 1, #ACTIVE do redis.call('ZREM', STRATEGY_ZSETS[ACTIVE[j]], id) end
@@ -160,7 +164,7 @@ end
 
 -- The earliest moment a waiting key could take this request (exact for its size).
 local function consider_waiting(id, wait_score)
-  if unusable[id] then return end
+  if unusable(id) then return end
   local s = load(id)
   if not s then return end
   local at, why = available_at(s, now)

@@ -7,6 +7,7 @@ and sends back a reply shaped like the script's (see the headers of ``lua/*.lua`
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -17,7 +18,7 @@ from keypool.classify import classify
 from keypool.core import PoolCore
 from keypool.errors import KeyPoolError, NoKeyAvailable, UnknownKey
 from keypool.fingerprint import fingerprint
-from keypool.keyspace import model_providers_key, providers_key
+from keypool.keyspace import ProviderKeys, model_providers_key, providers_key
 from keypool.kinds import ErrorKind
 from keypool.local import Held
 from keypool.providers import Provider
@@ -332,9 +333,18 @@ def test_acquire_of_a_key_not_held_gives_it_back_and_marks_it_unusable(core: Poo
         detail="",
         cooldowns=core._cooldowns,
     )
-    retry = acquire_call(flow.send(["OK", "", "", 0, 0]), unusable="elsewhere")
+    # the ids this process cannot use go to a set named by their digest, written once ...
+    digest = hashlib.sha1(b"elsewhere").hexdigest()[:16]
+    write = flow.send(["OK", "", "", 0, 0])
+    name = ProviderKeys(NS, "openai").key("u:" + digest)
+    assert write == ops.CmdMany(
+        [("delete", (name,)), ("sadd", (name, "elsewhere")), ("expire", (name, 86400))]
+    )
+    # ... and the acquire names the set, one argument whatever the count
+    retry = acquire_call(flow.send([1, 1, 1]), unusable=digest)
     assert retry.call_id != first.call_id
     assert core._state.unusable("openai") == ["elsewhere"]
+    assert core._state.unusable_digest("openai") == (digest, None)  # not written again
 
 
 def test_acquire_by_model_finds_its_providers(core: PoolCore) -> None:

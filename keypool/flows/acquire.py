@@ -9,7 +9,7 @@ from ..fingerprint import fingerprint
 from ..keyspace import model_providers_key
 from ..local import Held, new_lease_id
 from ..log import remember_secret
-from ..ops import Cmd, Flow, Picked, Run, Sleep
+from ..ops import Cmd, CmdMany, Flow, Picked, Run, Sleep
 from ..protocol import Acquire, Granted, Lost, parse_acquire
 from ..providers import normalize_provider, validate_model
 from ..settings import STRATEGIES
@@ -139,6 +139,14 @@ class AcquireFlows(ReportFlows):
         tokens, input_tokens, output_tokens = sizes
         lost = 0
         for _attempt in range(16):
+            digest, ids = self._state.unusable_digest(provider)
+            if ids is not None:
+                # a set named by its content's digest: an acquire names it (one argument,
+                # whatever the count) and the script asks it only about keys it considers
+                name = self._space(provider).key("u:" + digest)
+                yield CmdMany(
+                    [("delete", (name,)), ("sadd", (name, *ids)), ("expire", (name, 86400))]
+                )
             call = Acquire(
                 call_id=call_id,
                 strategy=strategy,
@@ -150,7 +158,7 @@ class AcquireFlows(ReportFlows):
                 avoid=avoid[1] if avoid is not None and avoid[0] == provider else "",
                 epoch=self._state.epoch(provider),
                 model_only=model_only,
-                unusable=" ".join(self._state.unusable(provider)),
+                unusable=digest,
             )
             reply = parse_acquire((yield Run(provider, call)))
             if isinstance(reply, Granted):
