@@ -205,7 +205,8 @@ class ALane:
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._functions = True  # FCALL until the server shows it has no functions for us
         self._unconfirmed = 0  # calls sent without waiting, not answered yet
-        self._repairs: set[asyncio.Task[None]] = set()
+        # calls sent without waiting that are being sent again, oldest first
+        self._repairs: dict[asyncio.Task[None], None] = {}
         self.used = 0.0  # loop time of the last reply read
         self.pid = os.getpid()
 
@@ -227,9 +228,12 @@ class ALane:
         def once() -> Any:
             return self._once(script, keys, args)
 
-        def load() -> Any:
-            return self._load(script)
+        async def load() -> None:
+            await self._load(script)
+            await self._after_repairs()
 
+        if self._repairs:
+            await self._after_repairs()
         try:
             return await scripts.with_reload_async(once, load, self._functions)
         except redis.ResponseError as exc:
@@ -260,7 +264,7 @@ class ALane:
         """Wait until every call sent without waiting has been answered (applied)."""
         for _attempt in range(scripts.RELOADS + 1):
             if self._repairs:
-                await asyncio.gather(*self._repairs, return_exceptions=True)
+                await asyncio.wait(list(self._repairs))
             if self._unconfirmed:
                 # replies come in order: when this one is read, so were theirs
                 try:
@@ -304,6 +308,7 @@ class ALane:
                     raise
                 # once more on a fresh connection: a call that did run answers the same
                 # and changes nothing (every script is idempotent under its call id)
+                await self._after_repairs()
                 continue
             link.loaded.add(code)
             return reply
@@ -424,8 +429,24 @@ class ALane:
     def _repair(self, entry: _Entry) -> None:
         """Send a call that was sent without waiting again, and wait for it this time."""
         task = self.loop.create_task(self._resend(entry))
-        self._repairs.add(task)
-        task.add_done_callback(self._repairs.discard)
+        self._repairs[task] = None
+        task.add_done_callback(self._repaired)
+
+    def _repaired(self, task: asyncio.Task[None]) -> None:
+        del self._repairs[task]
+
+    async def _after_repairs(self) -> None:
+        """Wait for the calls sent without waiting ahead of this one that are being sent
+        again (refused for want of the code, or cut off): a report is applied before what
+        its task asks next, as on the sync lane."""
+        me = asyncio.current_task()
+        earlier = []
+        for task in self._repairs:
+            if task is me:
+                break
+            earlier.append(task)
+        if earlier:
+            await asyncio.wait(earlier)
 
     async def _resend(self, entry: _Entry) -> None:
         assert entry.script is not None
