@@ -177,23 +177,31 @@ class _Link(asyncio.Protocol):
         self.lane.lost(self, entries, error, again)
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.flush()
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.transport.close()
+        entries, self.waiting = self.waiting, deque()
+        if entries:  # calls of tasks still running when the pool was closed
+            self.lane.lost(self, entries, redis.ConnectionError("the pool was closed"), False)
 
 
 class ALane:
     """One event loop's connection to a standalone Redis (see the module)."""
 
     def __init__(
-        self, connection_pool: Any, on_late: Callable[[list[Late]], None], loop: Any
+        self,
+        connection_pool: Any,
+        on_late: Callable[[list[Late]], None],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._pool = connection_pool
         self._on_late = on_late
-        self.loop: asyncio.AbstractEventLoop = loop
+        self.loop = loop
         self.timeout: float | None = connection_pool.connection_kwargs.get("socket_timeout")
         kwargs = connection_pool.connection_kwargs
         self._encoding: str | None = (

@@ -273,3 +273,16 @@ def test_one_pool_in_several_event_loops(server: Server, namespace: str) -> None
 
     assert asyncio.run(use()) == (10, 10, 0)
     assert asyncio.run(use()) == (20, 20, 0)
+
+
+def test_closing_the_pool_ends_the_calls_in_flight(server: Server, namespace: str) -> None:
+    async def scenario() -> None:
+        apool = await make_pool(server.url, namespace)
+        tasks = [asyncio.create_task(apool.stats(PROVIDER, KEYS[i % 20])) for i in range(50)]
+        await asyncio.sleep(0)  # written, not answered
+        await apool.close()
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        for result in done:  # answered before the close, or ended by it: none hangs
+            assert not isinstance(result, BaseException) or isinstance(result, PoolUnavailable)
+
+    asyncio.run(scenario())
