@@ -11,6 +11,7 @@ Needs the ``limits`` package for the peer comparison (``pip install limits``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -22,8 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
 
-from keypool import EnhancedAPIKeyManager, KeyPool, KeyPoolSettings
+from keypool import AsyncKeyPool, EnhancedAPIKeyManager, KeyPool, KeyPoolSettings
 
 BUDGETS = {
     "rpm": 10_000_000,
@@ -52,6 +54,22 @@ def make_pool(url: str, ns: str, keys: int, provider: str) -> KeyPool:
         ((provider, f"k{i:05d}", f"bench-secret-{provider}-{i}") for i in range(keys)), **BUDGETS
     )
     return pool
+
+
+async def make_async_pool(url: str, ns: str, keys: int, provider: str) -> AsyncKeyPool:
+    apool = AsyncKeyPool(settings=KeyPoolSettings(redis_url=url, namespace=ns, lease_ttl=600))
+    await apool.add_keys(
+        ((provider, f"k{i:05d}", f"bench-secret-{provider}-{i}") for i in range(keys)), **BUDGETS
+    )
+    return apool
+
+
+async def atimed(fn: Callable[[], Any], n: int, out: list[float]) -> None:
+    clock = time.perf_counter
+    for _ in range(n):
+        start = clock()
+        await fn()
+        out.append(clock() - start)
 
 
 def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[str, float]]:
@@ -103,8 +121,16 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
     def add(name: str) -> list[float]:
         return samples.setdefault(name, [])
 
+    # the asyncio pool on the same keys, its batches run in one loop between the others
+    loop = asyncio.new_event_loop()
+    apool = loop.run_until_complete(make_async_pool(url, ns, 10, "openai"))
+
+    async def async_cycle() -> None:
+        await (await apool.acquire("openai", tokens=10)).success(tokens=12)
+
     # warm up every path (script load, connections)
     for _ in range(50):
+        loop.run_until_complete(async_cycle())
         raw.ping()
         raw.evalsha(noop_sha, 0)
         pool.acquire("openai", tokens=10).success(tokens=10)
@@ -137,6 +163,11 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
                 lambda: pool.acquire("openai", tokens=10).success(tokens=12),
                 batch,
                 add("acquire+success"),
+            )
+        )
+        steps.append(
+            lambda: loop.run_until_complete(
+                atimed(async_cycle, batch, add("acquire+success, asyncio"))
             )
         )
         steps.append(lambda: timed(lambda: km.get_next_key("openai"), batch, add("get_next_key")))
@@ -174,6 +205,8 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         name: {"p50_us": pctl(xs, 0.5) * 1e6, "p99_us": pctl(xs, 0.99) * 1e6, "n": len(xs)}
         for name, xs in samples.items()
     }
+    loop.run_until_complete(apool.close())
+    loop.close()
     raw.close()
     return results
 
@@ -276,6 +309,50 @@ def throughput_suite(
     return out
 
 
+async def _async_throughput(url: str, ns: str, tasks: int, seconds: float) -> dict[str, float]:
+    """Cycles per second of ``tasks`` tasks in one event loop: AsyncKeyPool acquire+success
+    against two no-op EVALSHA on ``redis.asyncio`` (its default client), interleaved."""
+    apool = await make_async_pool(url, ns, 50, "atput")
+    raw = aredis.Redis.from_url(url)
+    sha = await raw.script_load("return 1")
+
+    async def keypool_cycle() -> None:
+        await (await apool.acquire("atput", tokens=10)).success(tokens=10)
+
+    async def evalsha_cycle() -> None:  # the same two round trips, doing nothing
+        await raw.evalsha(sha, 0)
+        await raw.evalsha(sha, 0)
+
+    async def run(cycle: Callable[[], Any], span: float) -> int:
+        done = 0
+        deadline = time.perf_counter() + span
+
+        async def task() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await cycle()
+                done += 1
+
+        await asyncio.gather(*(task() for _ in range(tasks)))
+        return done
+
+    counts = {"evalsha": 0, "keypool": 0}
+    for cycle in (evalsha_cycle, keypool_cycle):
+        await run(cycle, 0.2)  # warm up: connections, scripts
+    rounds = 3
+    for r in range(rounds):
+        order = [("evalsha", evalsha_cycle), ("keypool", keypool_cycle)]
+        for name, cycle in order if r % 2 == 0 else order[::-1]:
+            counts[name] += await run(cycle, seconds / rounds)
+    await apool.close()
+    await raw.aclose()
+    return {name: count / seconds for name, count in counts.items()}
+
+
+def async_throughput(url: str, ns: str, tasks: int, seconds: float) -> dict[str, float]:
+    return asyncio.run(_async_throughput(url, ns, tasks, seconds))
+
+
 # ---------------------------------------------------------------------- import and memory
 
 
@@ -333,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.url, ns, [int(p) for p in args.procs.split(",")], args.seconds
             )
         )
+        atput = async_throughput(args.url, ns, 100, args.seconds)
         mem = import_and_memory(args.url, ns)
     finally:
         drop(args.url, ns)
@@ -377,6 +455,26 @@ def main(argv: list[str] | None = None) -> int:
                 for n, r in tput.items()
             ],
         )
+    sync_p50 = lat["acquire+success"]["p50_us"]
+    async_p50 = lat["acquire+success, asyncio"]["p50_us"]
+    print("\nasyncio (AsyncKeyPool) against the sync pool and redis.asyncio, same run:")
+    table(
+        ["measure", "AsyncKeyPool", "reference", "ratio"],
+        [
+            [
+                "acquire+success p50 µs (reference: KeyPool)",
+                f"{async_p50:.1f}",
+                f"{sync_p50:.1f}",
+                f"{async_p50 / sync_p50:.2f}",
+            ],
+            [
+                "100 tasks, cycles/s (reference: no-op EVALSHA pairs)",
+                f"{atput['keypool']:.0f}",
+                f"{atput['evalsha']:.0f}",
+                f"{atput['keypool'] / atput['evalsha']:.2f}",
+            ],
+        ],
+    )
     print(
         f"\nimport of 10,000 keys: {mem['import_10k_s']:.2f} s; Redis memory per key: "
         f"{mem['bytes_per_key']:.0f} bytes ({mem['redis_keys']} Redis keys, "
@@ -396,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         <= 1.25 * lat["acquire+success, model of 10 keys"]["p50_us"],
         "4 scopes <= 1.3 x plain acquire+success": lat["acquire+success, 4 scopes"]["p50_us"]
         <= 1.3 * lat["acquire+success"]["p50_us"],
+        "asyncio acquire+success p50 <= 1.25 x sync": async_p50 <= 1.25 * sync_p50,
+        "asyncio 100 tasks >= 0.8 x redis.asyncio no-op pairs": atput["keypool"]
+        >= 0.8 * atput["evalsha"],
         "import 10,000 keys <= 2 s": mem["import_10k_s"] <= 2.0,
         "memory per key <= 2 KiB": mem["bytes_per_key"] <= 2048,
     }
@@ -411,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                     "latency": lat,
                     "inside_redis": inside,
                     "throughput": tput,
+                    "async_throughput": atput,
                     "memory": mem,
                     "targets": targets,
                 },

@@ -8,10 +8,13 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from . import scripts
+from .alane import ALanes, supported
 from .classify import Failure
 from .core import PoolCore
+from .lane import Late
 from .lease import AsyncLease
 from .ops import Cmd, CmdMany, Flow, Invoke, Picked, Run, RunMany, Sleep
+from .protocol import Report, parse_report
 from .settings import KeyPoolSettings
 from .stats import KeyStats, ScopeStats
 from .store import open_store_async
@@ -77,6 +80,11 @@ class AsyncKeyPool(PoolCore):
             connect_timeout=self.settings.connect_timeout,
         )
         self._gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        # the script calls' own connections, one per event loop: on one server only (a
+        # Cluster's client routes each call; Sentinel and the embedded store keep theirs)
+        self._lanes: ALanes | None = None
+        if supported(self._client):
+            self._lanes = ALanes(self._client.connection_pool, self._log_late)
 
     # ------------------------------------------------------------------ running flows
 
@@ -92,17 +100,49 @@ class AsyncKeyPool(PoolCore):
         return gate
 
     async def _execute(self, op: Any) -> Any:
+        lanes = self._lanes
+        if type(op) is Run and lanes is not None:  # pipelined: no place at the gate
+            space = self._space(op.provider)
+            args = [space.prefix, *op.call.argv()]
+            lane = lanes.current()
+            if not op.confirm and lane.send(
+                op.call.script, space.keys, args, (op.provider, op.call)
+            ):
+                return None
+            return await lane.call(op.call.script, space.keys, args)
         if type(op) is Sleep:
             await asyncio.sleep(op.seconds)
             return None
         if type(op) is Invoke:  # the caller's own call: it holds no place at the gate
             return await self._invoke(op)
+        if lanes is not None and (mine := lanes.existing()) is not None and mine.busy:
+            # reports sent from this loop reach the store before anything read here
+            await mine.settle()
         async with self._gate():
             return await self._execute_now(op)
 
+    def _log_late(self, late: list[Late]) -> None:
+        """Replies of reports sent without waiting: logged (events, errors), never raised."""
+        for item in late:
+            provider, call = item.tag
+            if not isinstance(call, Report):
+                continue
+            if item.error is not None:
+                self._log.warning(
+                    "report_unconfirmed",
+                    provider=provider,
+                    key_id=call.key_id,
+                    outcome=call.outcome,
+                    error=type(item.error).__name__,
+                )
+            elif item.reply is not None:
+                self._log_report(
+                    provider, call.key_id, call.outcome, None, parse_report(item.reply)
+                )
+
     async def _execute_now(self, op: Any) -> Any:
         client = self._client
-        if type(op) is Run:  # every call waits for its reply here
+        if type(op) is Run:  # a Cluster, Sentinel, the embedded store: waits for its reply
             space = self._space(op.provider)
             args = [space.prefix, *op.call.argv()]
             return await op.call.script.call_async(client, space.keys, args)
@@ -174,7 +214,10 @@ class AsyncKeyPool(PoolCore):
         return found
 
     async def close(self) -> None:
-        """Close the connections to the store."""
+        """Wait for the replies of reports still unanswered, then close the connections to
+        the store."""
+        if self._lanes is not None:
+            await self._lanes.close()
         await self._client.aclose()
 
     async def __aenter__(self) -> AsyncKeyPool:

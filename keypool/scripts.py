@@ -145,13 +145,17 @@ def with_reload(call: Callable[[], T], load: Callable[[], object], functions: bo
 
 
 async def with_reload_async(
-    call: Callable[[], Awaitable[T]], load: Callable[[], Awaitable[object]]
+    call: Callable[[], Awaitable[T]],
+    load: Callable[[], Awaitable[object]],
+    functions: bool = False,
 ) -> T:
-    """:func:`with_reload` on an asyncio client (scripts only)."""
+    """:func:`with_reload` for coroutines."""
     for _attempt in range(RELOADS):
         try:
             return await call()
-        except NoScriptError:
+        except ResponseError as exc:
+            if not refused(exc, functions):
+                raise
             await load()
     return await call()
 
