@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -361,7 +362,9 @@ def _read_all(sock: socket.socket) -> bytes:
 # --------------------------------------------------------------------------- failures
 
 
-def test_a_429_is_retried_on_another_key_and_the_key_cools(gateway: Gateway) -> None:
+def test_a_429_is_retried_on_another_key_and_the_key_cools_for_that_model(
+    gateway: Gateway,
+) -> None:
     with StubLLMServer({"sk-1": "k1", "sk-2": "k2"}) as stub:
         gw = gateway(
             {
@@ -376,11 +379,26 @@ def test_a_429_is_retried_on_another_key_and_the_key_cools(gateway: Gateway) -> 
         messages = [{"role": "user", "content": "hi"}]
         for _ in range(3):
             client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
-        # first request: k1 429 -> k2 503 -> k2 ok; the next two: k2 (k1 cools)
+        # first request: k1 429 -> k2 503 -> k2 ok; the next two: k2 (k1 cools for m)
         assert stub.key_ids() == ["k1", "k2", "k2", "k2", "k2"]
         keys = stats_of(gw)
-        assert keys["k1"]["status"] == "cooling" and keys["k1"]["cooldown_left"] > 20
-        assert keys["k2"]["errors_by_kind"] == {"server": 1}
+        # the key itself still serves: only (k1, m) cools
+        assert keys["k1"]["status"] == "active" and keys["k1"]["cooldown_left"] is None
+        assert keys["k1"]["cooling_models_left"]["m"] > 20
+        assert set(keys["k1"]["cooling_models"]) == {"m"}
+        assert keys["k2"]["errors_by_kind"] == {"server": 1} and keys["k2"]["cooling_models"] == {}
+        scopes = httpx.get(gw.url + "/status.json", headers=AUTH).json()["providers"]["openai"]
+        (cooled,) = [c for c in scopes["scopes"] if c["scope"] == "key_model"]
+        assert (cooled["key_id"], cooled["model"], cooled["state"]) == ("k1", "m", "cooling")
+        assert cooled["unavailable_reason"] == "rate_limit" and cooled["cooldown_left"] > 20
+        # another model is served by both keys again
+        stub.clear()
+        for _ in range(2):
+            client.chat.completions.create(model="other", messages=messages)  # type: ignore[arg-type]
+        assert sorted(stub.key_ids()) == ["k1", "k2"]
+        stub.clear()
+        client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+        assert stub.key_ids() == ["k2"]
 
 
 def test_no_key_answers_429_with_retry_after(gateway: Gateway) -> None:
@@ -527,24 +545,44 @@ def test_health_metrics_and_status_show_no_secret(gateway: Gateway) -> None:
         doc = httpx.get(gw.url + "/status.json", headers=AUTH)
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
+    # the 429 came on a lease for model m: k1 cools for m only, and stays active
+    assert 'keypool_key_state{key_id="k1",provider="openai",scope="key",state="active"} 1.0' in text
     assert (
-        'keypool_key_state{key_id="k1",provider="openai",scope="key",state="cooling"} 1.0' in text
+        'keypool_scope_state{account="",key_id="k1",model="m",provider="openai",'
+        'scope="key_model",state="cooling"} 1.0' in text
     )
+    assert (
+        'keypool_scope_unavailable{account="",key_id="k1",model="m",provider="openai",'
+        'reason="rate_limit",scope="key_model"} 1.0' in text
+    )
+    cooldown = re.search(
+        r'keypool_scope_cooldown_seconds\{account="",key_id="k1",model="m",'
+        r'provider="openai",scope="key_model"\} ([0-9.]+)',
+        text,
+    )
+    assert cooldown and 20 < float(cooldown.group(1)) <= 30
     assert (
         'keypool_key_errors_total{key_id="k1",kind="rate_limit",provider="openai",scope="key"} 1.0'
         in text
     )
     assert 'keypool_key_requests_total{key_id="k2",provider="openai",scope="key"} 1.0' in text
+    assert 'keypool_key_input_tokens_total{key_id="k2",provider="openai",scope="key"}' in text
+    assert 'keypool_key_output_tokens_total{key_id="k2",provider="openai",scope="key"}' in text
     assert "keypool_key_cooldown_seconds" in text and "keypool_key_in_flight" in text
     assert 'keypool_proxy_request_duration_seconds_bucket{le="0.5",provider="openai"}' in text
     assert 'keypool_proxy_requests_total{code="200",provider="openai"} 1.0' in text
     assert 'keypool_proxy_upstream_failures_total{kind="rate_limit",provider="openai"} 1.0' in text
     page = status.text
     assert status.headers["content-type"].startswith("text/html")
-    assert 'http-equiv="refresh"' in page and "k1" in page and "cooling" in page
-    assert "rate_limit" in page and "active" in page
+    assert 'http-equiv="refresh"' in page and "k1" in page
+    row = page.split('id="key-openai-k1"', 1)[1].split("</tr>", 1)[0]
+    assert 'class="state active"' in row
+    assert re.search(r"cooling for m, (2\d|30) s", row), row
+    scope_row = page.split('id="scope-openai-key_model-k1-m"', 1)[1].split("</tr>", 1)[0]
+    assert 'class="state cooling"' in scope_row and "rate_limit" in scope_row
     keys = {k["key_id"]: k for k in doc.json()["providers"]["openai"]["keys"]}
-    assert keys["k1"]["status"] == "cooling" and "fingerprint" not in keys["k1"]
+    assert keys["k1"]["status"] == "active" and "fingerprint" not in keys["k1"]
+    assert set(keys["k1"]["cooling_models"]) == {"m"}
     for secret in secrets.values():
         for shown in (text, page, doc.text):
             assert secret not in shown

@@ -1,12 +1,14 @@
 """Two gateway replicas (``keypool serve`` processes) on one Redis, driven at once by the
 official ``openai`` Python SDK and by the official ``openai`` npm package from Node,
-through a local stub upstream: one pool, exactly."""
+through a local stub upstream: one pool, exactly (budgets, per-model cooldowns, account
+limits)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +34,9 @@ TOKEN = "kp-replica-token-0123456789"
 RPM = 15  # per key; two keys
 KEYS = {"a": "sk-alpha-000", "b": "sk-bravo-000"}
 ROUTER_KEYS = {"c": "sk-charlie-00", "d": "sk-delta-0000"}
+ACCOUNT_KEYS = {"e": "sk-echo-00000", "f": "sk-foxtrot-000"}  # huggingface, one account
+ACCOUNT = "acct-1"
+ACCOUNT_RPM = 6  # the account's, for both its keys together
 
 
 class Replica:
@@ -67,21 +72,34 @@ class Replica:
             self.proc.wait()
         self.log.close()
 
-    def keys(self, provider: str) -> dict[str, dict[str, Any]]:
+    def status(self, provider: str) -> dict[str, Any]:
         doc = httpx.get(
             self.url + "/status.json", headers={"Authorization": f"Bearer {TOKEN}"}
         ).json()
-        return {k["key_id"]: k for k in doc["providers"][provider]["keys"]}
+        found: dict[str, Any] = doc["providers"][provider]
+        return found
+
+    def keys(self, provider: str) -> dict[str, dict[str, Any]]:
+        return {k["key_id"]: k for k in self.status(provider)["keys"]}
+
+    def scopes(self, provider: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self.status(provider)["scopes"]
+        return found
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
 
 
 @pytest.fixture
 def fleet(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Any]:
-    with StubLLMServer(
-        {**{v: k for k, v in KEYS.items()}, **{v: k for k, v in ROUTER_KEYS.items()}}
-    ) as stub:
+    known = {v: k for keys in (KEYS, ROUTER_KEYS, ACCOUNT_KEYS) for k, v in keys.items()}
+    with StubLLMServer(known) as stub:
         pool = KeyPool(redis_url, namespace=namespace)
         for key_id, secret in KEYS.items():
             pool.add_key("openai", key_id, secret, rpm=RPM)
+        for key_id, secret in ACCOUNT_KEYS.items():  # the replicas keep the account
+            pool.add_key("huggingface", key_id, secret, account=ACCOUNT)
+        pool.set_limits("huggingface", account=ACCOUNT, rpm=ACCOUNT_RPM)
         pool.close()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KEYPOOL_")},
@@ -90,8 +108,10 @@ def fleet(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Any]:
             "KEYPOOL_PROXY_TOKENS": TOKEN,
             "KEYPOOL_UPSTREAM_OPENAI": stub.base_url,
             "KEYPOOL_UPSTREAM_OPENROUTER": stub.base_url,
+            "KEYPOOL_UPSTREAM_HUGGINGFACE": stub.base_url,
             **{f"OPENAI_{k.upper()}_KEY": v for k, v in KEYS.items()},
             **{f"OPENROUTER_{k.upper()}_KEY": v for k, v in ROUTER_KEYS.items()},
+            **{f"HUGGINGFACE_{k.upper()}_KEY": v for k, v in ACCOUNT_KEYS.items()},
         }
         replicas = [Replica(env, tmp_path / f"replica{i}.log") for i in range(2)]
         try:
@@ -189,7 +209,8 @@ def test_two_replicas_share_one_pool_for_python_and_node(fleet: Any) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=bases[0], api_key="wrong", max_retries=0).models.list()
 
-    # 2. a 429 seen through one replica cools the key for the other
+    # 2. a 429 seen through one replica cools (key, model) for the other: the same model
+    # avoids the key, another model may use it
     router = [one.url + "/openrouter/v1", two.url + "/openrouter/v1"]
     stub.plan(ROUTER_KEYS["c"], openai_429(reset_requests=None, retry_after=60))
     stub.clear()
@@ -197,13 +218,22 @@ def test_two_replicas_share_one_pool_for_python_and_node(fleet: Any) -> None:
     assert [a["status"] for a in firsts] == [200, 200]  # c's was retried on d
     assert stub.key_ids() == ["c", "d", "d"] or stub.key_ids() == ["d", "c", "d"]
     cooled = two.keys("openrouter")
-    assert cooled["c"]["status"] == "cooling" and cooled["c"]["unavailable_reason"] == "rate_limit"
-    assert cooled["c"]["cooldown_left"] > 50
+    assert cooled["c"]["status"] == "active" and cooled["c"]["unavailable_reason"] is None
+    assert set(cooled["c"]["cooling_models"]) == {"gpt-4o-mini"}
+    assert cooled["c"]["cooling_models_left"]["gpt-4o-mini"] > 50
+    assert cooled["d"]["cooling_models"] == {}
+    (scope,) = [c for c in two.scopes("openrouter") if c["scope"] == "key_model"]
+    assert (scope["key_id"], scope["model"], scope["state"]) == ("c", "gpt-4o-mini", "cooling")
+    assert scope["unavailable_reason"] == "rate_limit" and scope["cooldown_left"] > 50
+    assert (
+        'keypool_scope_state{account="",key_id="c",model="gpt-4o-mini",provider="openrouter",'
+        'scope="key_model",state="cooling"} 1.0' in one.metrics()
+    )
     stub.clear()
     node = run_node(
         {
             "token": TOKEN,
-            "model": "m",
+            "model": "gpt-4o-mini",
             "badToken": None,
             "requests": [{"base": router[1], "stream": i % 2 == 0} for i in range(6)],
         }
@@ -234,16 +264,70 @@ def test_two_replicas_share_one_pool_for_python_and_node(fleet: Any) -> None:
             assert r.status_code in (400, 404)
     assert set(stub.key_ids()) == {"d"}
 
+    # 5. c serves another model, through either replica, while it cools for gpt-4o-mini
+    stub.clear()
+    other = [python_call(router[i % 2], model="gpt-4o") for i in range(2)]
+    assert [a["status"] for a in other] == [200, 200]
+    assert sorted(a["keyId"] for a in other) == ["c", "d"]
+    assert sorted(stub.key_ids()) == ["c", "d"]
+    assert python_call(router[1])["keyId"] == "d"  # and gpt-4o-mini still avoids it
+    assert set(one.keys("openrouter")["c"]["cooling_models"]) == {"gpt-4o-mini"}
 
-def test_replicas_refuse_to_start_without_tokens(redis_url: str, namespace: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYPOOL_")}
-    env["KEYPOOL_REDIS_URL"] = redis_url
-    done = subprocess.run(
-        [sys.executable, "-m", "keypool", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+
+def test_an_account_limit_binds_across_both_replicas(fleet: Any) -> None:
+    stub, (one, two) = fleet
+    bases = [one.url + "/huggingface/v1", two.url + "/huggingface/v1"]
+    (account,) = [c for c in two.scopes("huggingface") if c["scope"] == "account"]
+    assert account["account"] == ACCOUNT and account["limits"] == {"rpm": ACCOUNT_RPM}
+    assert account["left"] == {"rpm": ACCOUNT_RPM} and account["state"] == "active"
+    keys = one.keys("huggingface")
+    assert {k["account"] for k in keys.values()} == {ACCOUNT}
+    assert all(k["rpm"] is None for k in keys.values())  # no limit of their own
+
+    started = time.monotonic()
+    node = run_node(
+        {
+            "token": TOKEN,
+            "model": "gpt-4o-mini",
+            "badToken": None,
+            "requests": [{"base": bases[i % 2]} for i in range(10)],
+        }
     )
-    assert done.returncode == 3
-    assert "KEYPOOL_PROXY_TOKENS" in done.stderr
+    with ThreadPoolExecutor(4) as workers:
+        python = list(workers.map(lambda i: python_call(bases[i % 2]), range(10)))
+    answers = python + node_result(node)["results"]
+    elapsed = time.monotonic() - started
+    ok = [a for a in answers if a["status"] == 200]
+    refused = [a for a in answers if a["status"] == 429]
+    assert len(ok) + len(refused) == 20, [a for a in answers if a["status"] not in (200, 429)]
+    bound = ACCOUNT_RPM + math.ceil(ACCOUNT_RPM * elapsed / 60)
+    assert ACCOUNT_RPM <= len(ok) <= bound, (len(ok), bound, elapsed)
+    assert len(stub.key_ids()) == len(ok)  # each admitted request went upstream once
+    assert {a["keyId"] for a in ok} == {"e", "f"}  # both keys served, within one budget
+    assert all(a["code"] == "no_key_available" and int(a["retryAfter"]) >= 1 for a in refused)
+
+    # both replicas show the account's budget spent, on /status.json and /metrics
+    for replica in (one, two):
+        (account,) = [c for c in replica.scopes("huggingface") if c["scope"] == "account"]
+        left = account["left"]["rpm"]
+        refilled = math.ceil(ACCOUNT_RPM * (time.monotonic() - started) / 60)
+        assert len(ok) + left <= ACCOUNT_RPM + refilled, (len(ok), left, refilled)
+        # spent: held back for rpm until a request's worth comes back (one each 10 s)
+        state = "cooling" if left == 0 else "active"
+        assert account["state"] == state, account
+        if left == 0:
+            assert account["unavailable_reason"] == "rpm" and account["cooldown_left"] > 0
+        keys = replica.keys("huggingface")
+        assert keys["e"]["total_requests"] + keys["f"]["total_requests"] == len(ok)
+        text = replica.metrics()
+        labels = f'account="{ACCOUNT}",budget="rpm",key_id="",model="",provider="huggingface"'
+        assert f'keypool_scope_budget_limit{{{labels},scope="account"}} {ACCOUNT_RPM}.0' in text
+        shown = re.search(
+            re.escape(f'keypool_scope_budget_left{{{labels},scope="account"}} ') + r"([0-9.]+)",
+            text,
+        )
+        assert shown and left <= float(shown.group(1)) <= left + 1  # read a moment later
+        assert (
+            f'keypool_scope_state{{account="{ACCOUNT}",key_id="",model="",'
+            f'provider="huggingface",scope="account",state="{state}"}} 1.0' in text
+        ) or float(shown.group(1)) > left

@@ -1,5 +1,5 @@
 """The status page opened in headless Chromium: its DOM and a screenshot show every key
-and its state (and no secret)."""
+and its state, the models a key cools for, every limit scope (and no secret)."""
 
 from __future__ import annotations
 
@@ -61,8 +61,26 @@ def status_url(namespace: str) -> Iterator[str]:
         }
         settings = KeyPoolSettings(redis_url=f"memory://{namespace}", namespace=namespace)
         with KeyPool(settings=settings) as pool:  # budgets, kept when the gateway loads keys
-            pool.add_key("openai", "serving", SECRETS["OPENAI_SERVING_KEY"], rpm=60, tpm=90_000)
-            pool.add_key("anthropic", "team", SECRETS["ANTHROPIC_TEAM_KEY"], rpm=50, rpd=1000)
+            pool.add_key(
+                "openai",
+                "serving",
+                SECRETS["OPENAI_SERVING_KEY"],
+                rpm=60,
+                tpm=90_000,
+                account="proj-a",
+            )
+            pool.set_limits("openai", account="proj-a", model="gpt-4o", rpm=10, tpm=30_000)
+            pool.add_key(
+                "anthropic",
+                "team",
+                SECRETS["ANTHROPIC_TEAM_KEY"],
+                rpm=50,
+                rpd=1000,
+                account="org-1",
+            )
+            pool.set_limits(
+                "anthropic", account="org-1", model="claude", rpm=50, itpm=40_000, otpm=8_000
+            )
         gateway = GatewaySettings(proxy_tokens=TOKEN, status_public=True)
         with ServerThread(create_app(settings, gateway=gateway, environ=environ)) as server:
             auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -113,12 +131,11 @@ def test_status_page_in_headless_chromium(status_url: str, tmp_path: Path) -> No
     text = dom.stdout.decode()
     for key_id, state in (
         ("serving", "active"),
-        ("cooling", "cooling"),
+        ("cooling", "active"),  # a 429 for gpt-4o: the key cools for that model only
         ("spent", "exhausted"),
         ("revoked", "disabled"),
         ("team", "active"),
     ):
-        row = text.split('id="key-', 1)[1]
         assert f"<code>{key_id}</code>" in text, key_id
         provider = "anthropic" if key_id == "team" else "openai"
         row = text.split(f'id="key-{provider}-{key_id}"', 1)[1].split("</tr>", 1)[0]
@@ -126,6 +143,20 @@ def test_status_page_in_headless_chromium(status_url: str, tmp_path: Path) -> No
     assert "rate_limit" in text and "quota" in text
     serving = text.split('id="key-openai-serving"', 1)[1].split("</tr>", 1)[0]
     assert re.search(r">5[6-9] / 60<", serving), serving  # rpm left / limit after 4 requests
+    assert "proj-a" in serving  # its account
+    cooling = text.split('id="key-openai-cooling"', 1)[1].split("</tr>", 1)[0]
+    assert re.search(r"cooling for gpt-4o, (2\d\d|300) s", cooling), cooling
+    # every limit scope: the accounts' for a model, the cooling key's for gpt-4o
+    scopes = {
+        # the serving key's requests (one back each 6 s)
+        "scope-openai-account_model-proj-a-gpt-4o": ("active", r"rpm [5-9] / 10\b"),
+        "scope-openai-key_model-cooling-gpt-4o": ("cooling", "none"),
+        "scope-anthropic-account_model-org-1-claude": ("active", "itpm 4\\d+ / 40000"),
+    }
+    for ident, (state, limits) in scopes.items():
+        row = text.split(f'id="{ident}"', 1)[1].split("</tr>", 1)[0]
+        assert f'class="state {state}"' in row, (ident, row)
+        assert re.search(limits, row), (ident, row)
     for secret in SECRETS.values():
         assert secret not in text
 

@@ -104,3 +104,60 @@ def test_model_and_estimate_from_the_request() -> None:
     info = inspect_request(b"/openai/deployments/prod-4o/chat/completions", b"", b"")
     assert info.model == "prod-4o"
     assert inspect_request(b"/v1/x", b'{"model": ""}', b"application/json").model is None
+
+
+def test_scopes_on_the_page_and_in_metrics_are_escaped_and_labelled() -> None:
+    from keypool.server.metrics import GatewayMetrics
+    from keypool.server.status import render_status_html, status_document
+    from keypool.stats import ScopeStats
+
+    now = 1_000.0
+    cooling = ScopeStats(
+        provider="openai",
+        scope="key_model",
+        account=None,
+        key_id="k1",
+        model="<b>m</b>",  # a model name comes from the client's request
+        limits={},
+        left={},
+        in_flight=0,
+        cooldown_until=now + 28,
+        unavailable_reason="rate_limit",
+        available_at=now + 28,
+    )
+    spent = ScopeStats(
+        provider="openai",
+        scope="account",
+        account="proj-a",
+        key_id=None,
+        model=None,
+        limits={"rpd": 100, "max_concurrency": 4},
+        left={"rpd": 0},
+        in_flight=1,
+        cooldown_until=None,
+        unavailable_reason="rpd",
+        available_at=now + 600,
+    )
+    upstreams = load_upstreams({})
+    page = render_status_html(
+        [], upstreams, store="s", namespace="n", now=now, scopes=[cooling, spent]
+    )
+    assert "<b>m</b>" not in page and "&lt;b&gt;m&lt;/b&gt;" in page
+    row = page.split('id="scope-openai-account-proj-a"', 1)[1].split("</tr>", 1)[0]
+    assert 'class="state exhausted"' in row and "rpd 0 / 100" in row
+    assert "concurrency 1 / 4" in row and "600.0 s" in row
+    doc = status_document([], upstreams, now=now, scopes=[cooling, spent])["providers"]["openai"]
+    assert [(c["scope"], c["owner"], c["state"], c["cooldown_left"]) for c in doc["scopes"]] == [
+        ("account", "proj-a", "exhausted", 600.0),
+        ("key_model", "k1", "cooling", 28.0),
+    ]
+    text = GatewayMetrics().render([], [cooling, spent]).decode()
+    assert (
+        'keypool_scope_state{account="proj-a",key_id="",model="",provider="openai",'
+        'scope="account",state="exhausted"} 1.0' in text
+    )
+    assert (
+        'keypool_scope_budget_left{account="proj-a",budget="max_concurrency",key_id="",'
+        'model="",provider="openai",scope="account"} 3.0' in text
+    )
+    assert 'model="<b>m</b>",provider="openai",reason="rate_limit",scope="key_model"} 1.0' in text

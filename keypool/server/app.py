@@ -20,6 +20,7 @@ import httpx2
 from ..aio import AsyncKeyPool
 from ..errors import ConfigError, KeyPoolError
 from ..settings import KeyPoolSettings
+from ..stats import KeyStats, ScopeStats
 from ..store import redact_url
 from .auth import TokenChecker, presented_tokens
 from .http import BodyTooLarge, ClientGone, Receive, Scope, Send, error_response, read_body, respond
@@ -272,14 +273,14 @@ class Gateway:
                     headers=[(b"www-authenticate", b'Basic realm="keypool"')],
                 )
                 return
-            stats = await self.pool.snapshot()
+            stats, scopes = await self._read_pool()
         except KeyPoolError as exc:
             await error_response(send, 503, _safe(exc), "pool_unavailable")
             return
         if path == b"/metrics":
-            await respond(send, 200, self.metrics.render(stats), CONTENT_TYPE.encode())
+            await respond(send, 200, self.metrics.render(stats, scopes), CONTENT_TYPE.encode())
         elif path == b"/status.json":
-            doc = status_document(stats, self.upstreams)
+            doc = status_document(stats, self.upstreams, scopes=scopes)
             await respond(send, 200, json.dumps(doc).encode(), b"application/json")
         else:
             page = render_status_html(
@@ -287,6 +288,7 @@ class Gateway:
                 self.upstreams,
                 store=redact_url(self.settings.redis_url),
                 namespace=self.settings.namespace,
+                scopes=scopes,
             )
             await respond(
                 send,
@@ -295,6 +297,16 @@ class Gateway:
                 b"text/html; charset=utf-8",
                 [(b"cache-control", b"no-store")],
             )
+
+    async def _read_pool(self) -> tuple[list[KeyStats], list[ScopeStats]]:
+        """Every provider's keys and limit scopes, as every replica sees them."""
+        pool = self.pool
+
+        async def one(provider: str) -> tuple[list[KeyStats], list[ScopeStats]]:
+            return await pool.snapshot(provider), await pool.scopes(provider)
+
+        found = await asyncio.gather(*(one(p) for p in await pool.providers()))
+        return [s for keys, _ in found for s in keys], [c for _, cs in found for c in cs]
 
 
 def _safe(exc: BaseException) -> str:

@@ -264,6 +264,8 @@ class Forwarder:
         return 429
 
     async def _fail(self, lease: AsyncLease, exc: BaseException) -> Any:
+        """Report the failure; the pool infers what cools (the key for the request's model
+        on a rate limit, its account on a quota, ...), as for any other lease."""
         try:
             return await lease.fail(exc)
         except Exception:  # the store went away: the lease expires after its TTL
