@@ -51,6 +51,9 @@ class Failure:
     status: int | None
     retry_after: float | None
     detail: str
+    # the limit the provider says was hit, for a rate limit or quota: "model" (a limit of one
+    # model), "account" (the organization's or project's, every model), None (not said)
+    scope: str | None = None
 
 
 HeadersLike = Mapping[str, str] | Iterable[tuple[str, str]]
@@ -481,7 +484,81 @@ def classify(
             if delay is not None:
                 break
             delay = _retry_after_attr(exc)
-    return Failure(kind=kind, status=status, retry_after=delay, detail=detail[:_MAX_DETAIL])
+    scope = None
+    if kind in (ErrorKind.RATE_LIMIT, ErrorKind.QUOTA):
+        scope = scope_hint(sources, headers if headers is not None else _first_headers(sources))
+    return Failure(
+        kind=kind, status=status, retry_after=delay, detail=detail[:_MAX_DETAIL], scope=scope
+    )
+
+
+def _first_headers(sources: list[BaseException]) -> Mapping[str, str] | None:
+    for exc in sources:
+        found = headers_of(exc)
+        if found is not None:
+            return found
+    return None
+
+
+# "Rate limit reached for gpt-4o in organization org-… on tokens per min (TPM)"
+_OPENAI_MODEL_LIMIT = re.compile(r"rate limit reached for \S+ in (?:organization|project)", re.I)
+_PER_MODEL_REMAINING = (
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-remaining",
+)
+
+
+def scope_hint(sources: Iterable[BaseException], headers: HeadersLike | None = None) -> str | None:
+    """Which limit a rate limit or quota failure names, where the provider says so:
+    ``"model"`` for a limit of one model (OpenAI's "Rate limit reached for <model> in
+    organization …" and its ``x-ratelimit-remaining-*: 0``, Anthropic's per-kind
+    ``anthropic-ratelimit-*-remaining: 0``, a Google quota id ``…PerModel…``), ``"account"``
+    for the organization's or project's own (``insufficient_quota``, a Google quota id per
+    project for every model), else None. Never raises; reads no secret into the result."""
+    try:
+        for exc in sources:
+            for body in _bodies(exc):
+                for detail in _google_details(body):
+                    for violation in detail.get("violations") or []:
+                        quota = (
+                            str(violation.get("quotaId", ""))
+                            if isinstance(violation, Mapping)
+                            else ""
+                        )
+                        if "permodel" in quota.lower():
+                            return "model"
+                        if "perproject" in quota.lower():
+                            return "account"
+            if "insufficient_quota" in _code_candidates(exc):
+                return "account"
+            for text in _messages(exc):
+                if _OPENAI_MODEL_LIMIT.search(text):
+                    return "model"
+        table = _lower_headers(headers) if headers is not None else {}
+        for name in _PER_MODEL_REMAINING:
+            value = _number(table.get(name))
+            if value is not None and value <= 0:
+                return "model"
+    except Exception:
+        return None
+    return None
+
+
+def _messages(exc: object) -> list[str]:
+    found: list[str] = []
+    for body in _bodies(exc):
+        error = body.get("error")
+        for holder in (error, body):
+            if isinstance(holder, Mapping) and isinstance(holder.get("message"), str):
+                found.append(holder["message"])
+    message = _attr(exc, "message")
+    if isinstance(message, str):
+        found.append(message)
+    return found
 
 
 # --------------------------------------------------------------------------- headers

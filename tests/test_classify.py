@@ -801,3 +801,95 @@ def test_google_per_minute_limit_uses_retry_info() -> None:
     failure = classify(_GoogleClientError(429, body))
     assert failure.kind is ErrorKind.RATE_LIMIT
     assert failure.retry_after == 7.0
+
+
+# --------------------------------------------------------------------------- which limit
+
+
+@pytest.mark.parametrize(
+    ("error", "scope"),
+    [
+        (
+            RateLimitError(
+                "Error code: 429",
+                status_code=429,
+                body={
+                    "message": "Rate limit reached for gpt-4o in organization org-x on tokens "
+                    "per min (TPM): Limit 30000, Used 29990, Requested 500.",
+                    "type": "tokens",
+                    "code": "rate_limit_exceeded",
+                },
+            ),
+            "model",
+        ),
+        (
+            RateLimitError(
+                "429", status_code=429, headers={"x-ratelimit-remaining-tokens": "0"}, body={}
+            ),
+            "model",
+        ),
+        (
+            RateLimitError(
+                "429",
+                status_code=429,
+                headers={"anthropic-ratelimit-output-tokens-remaining": "0"},
+                body={"type": "error", "error": {"type": "rate_limit_error"}},
+            ),
+            "model",
+        ),
+        (
+            RateLimitError(
+                "quota",
+                status_code=429,
+                body={"code": "insufficient_quota", "type": "insufficient_quota"},
+            ),
+            "account",
+        ),
+        (
+            RateLimitError(
+                "429",
+                status_code=429,
+                body={
+                    "error": {
+                        "status": "RESOURCE_EXHAUSTED",
+                        "details": [
+                            {
+                                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                                "violations": [
+                                    {"quotaId": "GenerateRequestsPerMinutePerProjectPerModel"}
+                                ],
+                            }
+                        ],
+                    }
+                },
+            ),
+            "model",
+        ),
+        (
+            RateLimitError(
+                "429",
+                status_code=429,
+                body={
+                    "error": {
+                        "details": [{"violations": [{"quotaId": "RequestsPerMinutePerProject"}]}]
+                    }
+                },
+            ),
+            "account",
+        ),
+        (RateLimitError("429", status_code=429, headers={"retry-after": "3"}, body={}), None),
+        (InternalServerError("500", status_code=500, body={}), None),
+    ],
+    ids=[
+        "openai-msg",
+        "openai-hdr",
+        "anthropic-hdr",
+        "quota",
+        "gemini-model",
+        "gemini-project",
+        "unsaid",
+        "not-a-limit",
+    ],
+)
+def test_the_limit_a_provider_names_is_read(error: Exception, scope: str | None) -> None:
+    assert classify(error).scope == scope

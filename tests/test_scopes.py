@@ -232,3 +232,26 @@ def test_a_429_for_one_model_leaves_the_key_serving_others_across_processes(
         assert "k1" not in seen["gpt-4o"], seen  # cooled for gpt-4o ...
         assert "k1" in seen["gpt-4o-mini"], seen  # ... and still serving gpt-4o-mini
     assert set(fleet.stats(PROVIDER, "k1").cooling_models) == {"gpt-4o"}
+
+
+class _ProjectLimit(Exception):
+    """Shaped like google-genai's error for a per-project limit (every model)."""
+
+    status_code = 429
+    details = {"error": {"details": [{"violations": [{"quotaId": "RequestsPerMinutePerProject"}]}]}}
+
+
+def test_a_limit_the_provider_names_cools_its_scope(make_pool: Callable[..., KeyPool]) -> None:
+    """A 429 that says the project's limit (not the model's) was hit cools the account."""
+    pool = make_pool()
+    two_keys(pool)
+    pool.acquire(PROVIDER, model="gemini-flash").fail(_ProjectLimit("quota"), retry_after=30)
+    with pytest.raises(NoKeyAvailable):
+        pool.acquire(PROVIDER, model="gemini-pro")  # another model: the account is cooling
+    assert {s.status for s in pool.snapshot(PROVIDER)} == {"cooling"}
+    [scope] = pool.scopes(PROVIDER)
+    assert (scope.scope, scope.account, scope.unavailable_reason) == (
+        "account",
+        ACCOUNT,
+        "rate_limit",
+    )

@@ -29,6 +29,11 @@ def scope_arg(scope: object) -> str:
 _WARN_EVENTS = ("key_disabled", "circuit_opened", "key_exhausted")
 
 
+def _scope_of(scope: str | None, failure: Failure | None) -> str:
+    """What a failure cools: the caller's scope, else the limit the provider named."""
+    return scope_arg(scope) or (failure.scope if failure is not None and failure.scope else "")
+
+
 class ReportFlows(RegisterFlows):
     def _report_call(
         self,
@@ -91,7 +96,7 @@ class ReportFlows(RegisterFlows):
             output_tokens=output_tokens,
             latency=latency,
             failure=failure,
-            scope=scope_arg(scope),
+            scope=_scope_of(scope, failure),
         )
         raw = yield Run(picked.provider, call, confirm=failure is not None)
         if raw is None:
@@ -110,7 +115,7 @@ class ReportFlows(RegisterFlows):
                 outcome,
                 leased=False,
                 failure=failure,
-                scope=scope_arg(scope),
+                scope=_scope_of(scope, failure),
             )
             reply = parse_report((yield Run(picked.provider, again)))
         self._log_report(picked.provider, picked.key_id, outcome, failure, reply)
@@ -134,6 +139,7 @@ class ReportFlows(RegisterFlows):
             tokens=tokens,
             latency=latency,
             failure=failure,
+            scope=_scope_of(None, failure),
         )
         reply = parse_report((yield from self._known_flow(provider, key_id, call)))
         self._log_report(provider, key_id, outcome, failure, reply)
