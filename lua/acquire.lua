@@ -113,10 +113,14 @@ local function take(s, scoped)
   -- Round-robin is least-recently-served order: exact rotation, ties impossible because
   -- each script runs at its own TIME.
   set(s, w, 'pass', math.max(NOW_US - EPOCH_US, s.pass + 1))
-  set(s, w, 'wpass', s.wpass + 1 / math.max(s.weight, 1e-6))
+  if ACTIVE_SET[2] then   -- the weighted pass matters once that strategy is in use
+    set(s, w, 'wpass', s.wpass + 1 / math.max(s.weight, 1e-6))
+  end
   set(s, w, 'total', s.total + 1)
   set(s, w, 'last_used', now)
-  local rec = record(s.id, cost.tok, inp, out, ttl, model, s.acct, held)
+  -- the figures as the caller sent them: text, nothing to format
+  local rec = record(s.id, cost.tok == tokens and ARGV[4] or cost.tok, ARGV[5], ARGV[6], ARGV[7],
+    model, s.acct, held)
   if ttl > 0 then
     local expiry = now + ttl
     redis.call('ZADD', K_LEASES, expiry, call_id)

@@ -105,8 +105,8 @@ local function load(id)
   local s = setmetatable({ id = id }, STATE_MT)
   for i = 1, #raw, 2 do
     local name = raw[i]
-    local default = NUMBERS[name]
-    if default then s[name] = tonumber(raw[i + 1]) or default else s[name] = raw[i + 1] end
+    -- (`+ 0` turns the stored text into a number without a function call)
+    if NUMBERS[name] then s[name] = raw[i + 1] + 0 else s[name] = raw[i + 1] end
   end
   if not rawget(s, 'fp') then return nil end
   if s.weight <= 0 then s.weight = 1 end
@@ -138,7 +138,7 @@ local function load_scope(name)
   if #raw > 0 then
     h = setmetatable({ name = name }, STATE_MT)
     for i = 1, #raw, 2 do
-      if NUMBERS[raw[i]] then h[raw[i]] = tonumber(raw[i + 1]) or 0 else h[raw[i]] = raw[i + 1] end
+      if NUMBERS[raw[i]] then h[raw[i]] = raw[i + 1] + 0 else h[raw[i]] = raw[i + 1] end
     end
   end
   SCOPE_CACHE[name] = h

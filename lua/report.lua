@@ -64,7 +64,7 @@ if leased then
   if not r or r.key_id ~= id then return { 'DONE' } end
   local open = close_lease(s, w, call_id)   -- false when it expired: in-flight untouched
   redis.call('HDEL', K_LEASE, call_id)
-  redis.call('ZREM', K_DONE, call_id)
+  if not open then redis.call('ZREM', K_DONE, call_id) end   -- the record of an expired one
   est = { tok = r.tok, inp = r.inp, out = r.out }
   model, acct = r.model, r.acct
   for _, entry in ipairs(scopes_for({ id = id, acct = acct }, model)) do
