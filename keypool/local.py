@@ -23,6 +23,9 @@ _lease_prefix = os.urandom(6).hex()
 _lease_counter = itertools.count()
 
 
+_serials = itertools.count()
+
+
 def _new_lease_prefix() -> None:
     global _lease_prefix, _lease_counter
     _lease_prefix = os.urandom(6).hex()
@@ -62,7 +65,8 @@ class LocalState:
         self._held: dict[str, dict[str, Held]] = {}
         self._unusable: dict[str, set[str]] = {}
         self._unusable_why: dict[str, str] = {}
-        self._unusable_written: dict[str, tuple[str, float]] = {}  # digest, when written
+        self._unusable_written: dict[str, tuple[str, float]] = {}  # name+digest, when
+        self._serial = next(_serials)
         self._epochs: dict[str, str] = {}
         self._models: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._limits: dict[str, dict[tuple[str, str, str], Any]] = {}
@@ -134,23 +138,26 @@ class LocalState:
             self._unusable_why[provider] = why
             self._unusable_written.pop(provider, None)
 
-    def unusable_digest(self, provider: str) -> tuple[str, list[str] | None]:
-        """The name of the store set of the keys this process cannot use ('' when none),
-        and the ids to write there first when it is new or an hour old (else None)."""
+    def unusable_set(self, provider: str) -> tuple[str, list[str] | None]:
+        """The name (after ``u:``) of this process's store set of the keys it cannot use
+        ('' when none), and the ids to write there first when its content changed, it was
+        written by another process (a fork) or an hour ago (else None). One set per process
+        and pool: it is rewritten in place, and expires a day after its process is gone."""
         with self._lock:
             ids = sorted(self._unusable.get(provider, ()))
             if not ids:
                 return "", None
-            digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()[:16]
+            name = f"{_lease_prefix}.{self._serial}"
+            digest = hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()
             written = self._unusable_written.get(provider)
             if (
                 written is not None
-                and written[0] == digest
+                and written[0] == name + digest
                 and time.monotonic() - written[1] < 3600
             ):
-                return digest, None
-            self._unusable_written[provider] = (digest, time.monotonic())
-            return digest, ids
+                return name, None
+            self._unusable_written[provider] = (name + digest, time.monotonic())
+            return name, ids
 
     def unusable(self, provider: str) -> list[str]:
         with self._lock:

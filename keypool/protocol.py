@@ -73,7 +73,7 @@ class Acquire(ScriptCall):
     avoid: str  # key id to avoid while another is available, ''
     epoch: str  # '' to skip the check
     model_only: bool
-    unusable: str  # digest naming the set <prefix>u:<digest> of keys this process cannot use
+    unusable: str  # '' or the name of this process's set <prefix>u:<name> of keys it cannot use
 
     def argv(self) -> list[Any]:
         return [

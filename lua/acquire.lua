@@ -16,7 +16,7 @@
 -- ARGV[10] the pool epoch this process registered its keys under ('' to skip the check)
 -- ARGV[11] '1' when only the model's keys may serve even if it has none here (the
 --          provider was found through the model), '' otherwise
--- ARGV[12] '' or the digest naming the set "<prefix>u:<digest>" of key ids this process
+-- ARGV[12] '' or the name of this process's set "<prefix>u:<name>" of the key ids it
 --          cannot use (no secret for them here): asked only about the keys considered, so
 --          the call costs the same however many there are
 --
@@ -62,6 +62,7 @@ local zset = STRATEGY_ZSETS[zi]
 local cost = { req = 1, tok = math.max(tokens, inp + out), inp = inp, out = out }
 
 local earliest = NEVER   -- earliest time a skipped key could take this request
+local routing_model = false   -- walking the model's own rotation (mr:<model>)
 local why_none = 'no_keys'
 
 -- Can the key (and every limit scope that applies: its account, the account for the model,
@@ -76,7 +77,7 @@ local function admits(s)
   if at <= now then return true, scoped end
   if available_at(s, now) > now then
     replace(s, {}, now)   -- can take no request at all: out of the rotation until then
-  elseif model ~= '' then
+  elseif routing_model then
     -- held back for this model only (a scope of the model): out of the model's rotation
     -- until then
     local held_until = 0
@@ -129,7 +130,7 @@ local function take(s, scoped)
     note_due(expiry)
     set(s, w, 'inflight', s.inflight + 1)
   else
-    keep_record(call_id, rec, now + KEEP_RECORD_MS)
+    keep_record(call_id, rec, now + REPEAT_MS)
   end
   if s.circ == 'open' or s.circ == 'half' then
     -- The circuit's cooldown is over: this request is its one probe.
@@ -207,6 +208,7 @@ end
 if model ~= '' and zi == 1 and redis.call('EXISTS', model_set(model)) == 1 then
   -- round robin over a model's keys: its own rotation, as flat as the provider's
   ensure_model_rotation(model)
+  routing_model = true
   local rotation = model_rotation(model)
   local back = redis.call('ZRANGEBYSCORE', model_waiting(model), '-inf', now, 'LIMIT', 0, 64)
   for i = 1, #back do

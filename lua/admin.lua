@@ -101,7 +101,7 @@ elseif action == 'remove' then
     end
   end
   redis.call('DEL', h, key_leases(id))
-  keep_record(call_id, record(id, 0, 0, 0, 0, '', '', ''), now + KEEP_RECORD_MS)
+  keep_record(call_id, record(id, 0, 0, 0, 0, '', '', ''), now + REPEAT_MS)
   return { 'OK', 1, emptied }
 elseif action == 'assign' or action == 'unassign' then
   local models = cjson.decode(s.models or '[]')

@@ -31,6 +31,8 @@
 --                     look again
 --   ak:<account>  set  key ids of an account
 --   scopes      set   names of the limit scopes below that exist
+--   sw          zset  limit scopes that hold only a cooldown; score = ms when it ends (they
+--                     are forgotten then)
 --   s:a:<account>, s:am:<account>:<model>, s:km:<key_id>:<model>   hash  a limit scope
 --                     (an account, an account for one model, a key for one model): its
 --                     limits, budget times, in-flight and cooldown, in the key hash's names
@@ -46,7 +48,9 @@ local NEVER = 1e300
 local MINUTE, DAY = 60000, 86400000
 local HI = 1099511627776   -- 2^40: separates a score's primary part from its tie-breaker
 local EPOCH_US = 1704067200000000  -- 2024-01-01: `pass` (last served) counts µs from here
-local KEEP_RECORD_MS = 3600000     -- how long a closed call's record recognises a repeat
+-- How long a record is kept: an expired lease's, for a late report; any other call's, to
+-- recognise its repeat (a client resends within its socket timeout).
+local KEEP_RECORD_MS, REPEAT_MS = 3600000, 60000
 -- Scores written to sorted sets are whole numbers (ms, or µs for `pass`): Redis turns a
 -- fractional Lua number into a long decimal string for every call.
 
@@ -159,6 +163,23 @@ local function scope_or_new(name)
   h = setmetatable({ name = name }, STATE_MT)
   SCOPE_CACHE[name] = h
   return h
+end
+
+-- A scope that holds nothing but a cooldown is forgotten when the cooldown ends.
+local SCOPE_LIMITS = { 'rpm', 'tpm', 'rpd', 'tpd', 'itpm', 'otpm', 'maxc' }
+local function scope_idle(h, now)
+  if h['until'] > now or h.inflight > 0 then return false end
+  for i = 1, #SCOPE_LIMITS do
+    if h[SCOPE_LIMITS[i]] > 0 then return false end
+  end
+  return true
+end
+
+local function forget_scope(name)
+  redis.call('DEL', PREFIX .. 's:' .. name)
+  redis.call('SREM', PREFIX .. 'scopes', name)
+  redis.call('ZREM', PREFIX .. 'sw', name)
+  SCOPE_CACHE[name] = false
 end
 
 -- ---------------------------------------------------------------- budgets (GCRA)
@@ -491,6 +512,15 @@ local function housekeeping(now)
     -- a report may still come (the call did run): it is counted, once
     if rec then keep_record(lease_id, rec, now + KEEP_RECORD_MS) end
   end
+  local ended = redis.call('ZRANGEBYSCORE', PREFIX .. 'sw', '-inf', now, 'LIMIT', 0, 64)
+  for i = 1, #ended do
+    local h = load_scope(ended[i])
+    if h and scope_idle(h, now) then
+      forget_scope(ended[i])
+    else
+      redis.call('ZREM', PREFIX .. 'sw', ended[i])
+    end
+  end
   local old = redis.call('ZRANGEBYSCORE', K_DONE, '-inf', now, 'LIMIT', 0, 256)
   if #old > 0 then
     redis.call('HDEL', K_LEASE, unpack(old))
@@ -510,8 +540,10 @@ local function housekeeping(now)
     end
   end
   local next_due = NEVER
-  for _, z in ipairs({ K_WAIT, K_LEASES, K_DONE }) do
+  for _, z in ipairs({ K_WAIT, K_LEASES, K_DONE, PREFIX .. 'sw' }) do
     local m = min_score(z)
+    -- old records are forgotten in batches, at most once a second
+    if m and z == K_DONE then m = m + 1000 end
     if m and m < next_due then next_due = m end
   end
   DUE = next_due

@@ -76,7 +76,7 @@ if leased then
   end
 else
   if seen then return { 'DONE' } end
-  keep_record(call_id, record(id, 0, 0, 0, 0, '', acct, ''), now + KEEP_RECORD_MS)
+  keep_record(call_id, record(id, 0, 0, 0, 0, '', acct, ''), now + REPEAT_MS)
 end
 local event = ''
 
@@ -104,6 +104,10 @@ local function cool_scoped(until_ms, why, default)
     local hw = {}
     local event = cool(until_ms, why, h, hw)
     scope_flush(h, hw)
+    if event ~= '' then   -- forgotten when it ends, unless limits were set on it
+      redis.call('ZADD', PREFIX .. 'sw', h['until'], h.name)
+      note_due(h['until'])
+    end
     return event
   elseif where == 'account' and acct ~= '' then
     local h = scope_or_new('a:' .. acct)

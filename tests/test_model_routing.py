@@ -86,3 +86,16 @@ def test_unassigning_the_last_key_drops_the_models_rotation(
     keys = ProviderKeys(namespace, P)
     assert not raw.exists(keys.prefix + "mr:m")
     assert not raw.sismember(keys.prefix + "mrs", "m")
+
+
+def test_a_cooldown_for_a_model_leaves_nothing_behind_when_it_ends(
+    make_pool: Callable[..., KeyPool], raw: Any, namespace: str
+) -> None:
+    pool = make_pool()
+    pool.add_key(P, "a", secret("a"), models=["m"])
+    pool.acquire(model="m").fail(429, retry_after=1)
+    assert [s.scope for s in pool.scopes(P)] == ["key_model"]
+    time.sleep(1.1)
+    pool.acquire(model="m").success()  # housekeeping forgets the ended cooldown
+    assert pool.scopes(P) == []
+    assert not list(raw.scan_iter(match=f"{namespace}:*s:km:*"))

@@ -139,11 +139,11 @@ class AcquireFlows(ReportFlows):
         tokens, input_tokens, output_tokens = sizes
         lost = 0
         for _attempt in range(16):
-            digest, ids = self._state.unusable_digest(provider)
+            unusable, ids = self._state.unusable_set(provider)
             if ids is not None:
-                # a set named by its content's digest: an acquire names it (one argument,
-                # whatever the count) and the script asks it only about keys it considers
-                name = self._space(provider).key("u:" + digest)
+                # a set of this process's: an acquire names it (one argument, whatever the
+                # count) and the script asks it only about the keys it considers
+                name = self._space(provider).key("u:" + unusable)
                 yield CmdMany(
                     [("delete", (name,)), ("sadd", (name, *ids)), ("expire", (name, 86400))]
                 )
@@ -158,7 +158,7 @@ class AcquireFlows(ReportFlows):
                 avoid=avoid[1] if avoid is not None and avoid[0] == provider else "",
                 epoch=self._state.epoch(provider),
                 model_only=model_only,
-                unusable=digest,
+                unusable=unusable,
             )
             reply = parse_acquire((yield Run(provider, call)))
             if isinstance(reply, Granted):
