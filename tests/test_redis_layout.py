@@ -270,7 +270,9 @@ def test_rotation_order_and_meta(live: Live) -> None:
     assert meta.get("epoch") and meta.get("created")
     leases = live.cli.zrange(live.keys.prefix + "leases")
     wait = live.cli.zrange(live.keys.prefix + "wait")
-    assert abs(float(meta["due"]) - min([*leases.values(), *wait.values()])) < 1.0
+    done = live.cli.zrange(live.keys.prefix + "done")  # records forgotten in batches
+    first = min([*leases.values(), *wait.values(), *done.values()])
+    assert first - 1.0 < float(meta["due"]) <= first + 1000, (meta["due"], first)
     # the other strategy sets exist only once their strategy is used
     assert not live.cli.scan(live.keys.prefix + "busy")
     lease = live.pool.acquire(OPENAI, strategy="least_busy")
