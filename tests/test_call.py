@@ -468,3 +468,38 @@ def test_a_keyboard_interrupt_in_a_sync_call_gives_the_key_back(
         after = pool.stats(OPENAI, "a")
     assert after.error_count == 0
     assert after.in_flight == 0, "the interrupted call left its lease in flight"
+
+
+def test_call_takes_a_function_per_provider_and_model(make_pool: Callable[..., KeyPool]) -> None:
+    """A fallback to another provider (or model) runs that provider's own function."""
+    pool = make_pool()
+    pool.add_key("openai", "o1", "sk-call-map-openai-0123456789")
+    pool.add_key("anthropic", "a1", "sk-call-map-anthropic-0123456789")
+    seen: list[tuple[str, str | None]] = []
+
+    class Overloaded(Exception):
+        status_code = 503
+
+    def openai_fn(lease: Any) -> str:
+        seen.append((lease.provider, lease.model))
+        raise Overloaded("busy")
+
+    def mini_fn(lease: Any) -> str:
+        seen.append((lease.provider, lease.model))
+        raise Overloaded("busy")
+
+    def anthropic_fn(lease: Any) -> str:
+        seen.append((lease.provider, lease.model))
+        return "from anthropic"
+
+    result = pool.call(
+        {("openai", "gpt-4o"): openai_fn, "gpt-4o-mini": mini_fn, "anthropic": anthropic_fn},
+        "openai",
+        model="gpt-4o",
+        fallbacks=[("openai", "gpt-4o-mini"), ("anthropic", "claude")],
+        max_attempts=1,
+    )
+    assert result == "from anthropic"
+    assert seen == [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude")]
+    with pytest.raises(TypeError):
+        pool.call({"openai": "not callable"}, "openai")  # type: ignore[dict-item]
