@@ -39,7 +39,9 @@ local function open_leases()
   local open = redis.call('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
   for i = 1, #open, 2 do
     local r = redis.call('HGET', K_LEASE, open[i])
-    if r and string.sub(r, 1, #prefix) == prefix then mine[#mine + 1] = { open[i], open[i + 1] } end
+    if r and string.sub(r, 1, #prefix) == prefix then
+      mine[#mine + 1] = { open[i], open[i + 1], r }
+    end
   end
   return mine
 end
@@ -71,6 +73,8 @@ elseif action == 'reset' then
     for i = 1, #mine do redis.call('ZADD', key_leases(id), mine[i][2], mine[i][1]) end
   end
 elseif action == 'remove' then
+  -- out of its account first: re-placing the account's keys must not bring it back
+  if s.acct ~= '' then redis.call('SREM', account_set(s.acct), id) end
   for i = 1, 5 do redis.call('ZREM', STRATEGY_ZSETS[i], id) end
   redis.call('ZREM', K_WAIT, id)
   redis.call('SREM', K_ALL, id)
@@ -79,6 +83,14 @@ elseif action == 'remove' then
   for i = 1, #mine do
     redis.call('ZREM', K_LEASES, mine[i][1])
     redis.call('HDEL', K_LEASE, mine[i][1])
+    -- the limit scopes that counted the lease in flight count it no more
+    local r = parse_record(mine[i][3])
+    if r then
+      for letter in string.gmatch(r.held, '%a') do
+        local sc = scope_of(letter, id, r.acct, r.model)
+        if sc then scope_released(letter, sc, id, r.acct, r.model, now) end
+      end
+    end
   end
   local models = cjson.decode(s.models or '[]')
   local emptied = {}
@@ -91,7 +103,6 @@ elseif action == 'remove' then
       drop_model_rotation(models[i])
     end
   end
-  if s.acct ~= '' then redis.call('SREM', account_set(s.acct), id) end
   local mine_prefix = 'km:' .. id .. ':'
   local scopes = redis.call('SMEMBERS', PREFIX .. 'scopes')
   for i = 1, #scopes do

@@ -415,6 +415,29 @@ local function scopes_for(s, model)
   return out
 end
 
+-- A scope's in-flight count went down: if it was full, the keys it held back may serve
+-- again (out of `wait`, or back into the model's rotation) before the time they were
+-- parked until.
+local function scope_released(letter, h, key_id, acct, model, now)
+  local w = {}
+  local was_full = h.maxc > 0 and h.inflight >= h.maxc
+  set(h, w, 'inflight', math.max(0, h.inflight - 1))
+  scope_flush(h, w)
+  if not was_full then return end
+  if letter == 'a' then
+    replace_account(acct, now)
+    return
+  end
+  local ids = { key_id }
+  if letter == 'm' then ids = redis.call('SMEMBERS', account_set(acct)) end
+  for i = 1, #ids do
+    if redis.call('ZREM', model_waiting(model), ids[i]) == 1 then
+      local s = load(ids[i])
+      if s and s.loc == 'r' then redis.call('ZADD', model_rotation(model), s.pass, s.id) end
+    end
+  end
+end
+
 -- The scope a record's letter names.
 local function scope_of(letter, key_id, acct, model)
   if letter == 'a' then return load_scope('a:' .. acct) end
@@ -501,11 +524,7 @@ local function housekeeping(now)
     if close_lease(s, w, lease_id) and r then
       for letter in string.gmatch(r.held, '%a') do
         local h = scope_of(letter, r.key_id, r.acct, r.model)
-        if h then
-          local hw = {}
-          set(h, hw, 'inflight', math.max(0, h.inflight - 1))
-          scope_flush(h, hw)
-        end
+        if h then scope_released(letter, h, r.key_id, r.acct, r.model, now) end
       end
     end
     if s then replace(s, w, now) end

@@ -68,11 +68,8 @@ if leased then
   est = { tok = r.tok, inp = r.inp, out = r.out }
   model, acct = r.model, r.acct
   for _, entry in ipairs(scopes_for({ id = id, acct = acct }, model)) do
-    local hw = {}
-    if open and string.find(r.held, entry[1], 1, true) then
-      set(entry[2], hw, 'inflight', math.max(0, entry[2].inflight - 1))
-    end
-    scoped[#scoped + 1] = { entry[1], entry[2], hw }
+    -- {letter, state, writes, whether the lease held one of its in-flight slots}
+    scoped[#scoped + 1] = { entry[1], entry[2], {}, open and string.find(r.held, entry[1], 1, true) }
   end
 else
   if seen then return { 'DONE' } end
@@ -185,7 +182,10 @@ else
   end
 end
 
-for i = 1, #scoped do scope_flush(scoped[i][2], scoped[i][3]) end
+for i = 1, #scoped do
+  scope_flush(scoped[i][2], scoped[i][3])
+  if scoped[i][4] then scope_released(scoped[i][1], scoped[i][2], id, acct, model, now) end
+end
 local at, why = place(s, w, now, 'stats')
 flush(s, w)
 if account_cooled then replace_account(acct, now) end

@@ -255,3 +255,37 @@ def test_a_limit_the_provider_names_cools_its_scope(make_pool: Callable[..., Key
         ACCOUNT,
         "rate_limit",
     )
+
+
+def test_removing_a_key_with_open_leases_frees_its_account_slots(
+    make_pool: Callable[..., KeyPool],
+) -> None:
+    pool = make_pool()
+    two_keys(pool)
+    pool.set_limits(PROVIDER, account=ACCOUNT, max_concurrency=2)
+    held = [pool.acquire(PROVIDER), pool.acquire(PROVIDER)]
+    with pytest.raises(NoKeyAvailable):
+        pool.acquire(PROVIDER)  # the account's two slots are taken
+    [scope] = pool.scopes(PROVIDER)
+    assert scope.in_flight == 2
+    pool.remove_key(PROVIDER, held[0].key_id)
+    [scope] = pool.scopes(PROVIDER)
+    assert scope.in_flight == 1  # the removed key's lease no longer holds a slot
+    with pool.acquire(PROVIDER) as lease:
+        assert lease.key_id == held[1].key_id
+    assert [s.key_id for s in pool.snapshot(PROVIDER)] == [held[1].key_id]  # gone for good
+
+
+def test_an_account_slot_given_back_serves_at_once(make_pool: Callable[..., KeyPool]) -> None:
+    pool = make_pool()
+    two_keys(pool)
+    pool.set_limits(PROVIDER, account=ACCOUNT, max_concurrency=1)
+    pool.set_limits(PROVIDER, account=ACCOUNT, model="m", max_concurrency=1)
+    for model in (None, "m"):
+        first = pool.acquire(PROVIDER, model=model)
+        with pytest.raises(NoKeyAvailable) as full:
+            pool.acquire(PROVIDER, model=model)
+        assert full.value.retry_after is not None  # when the lease would expire
+        first.success()
+        with pool.acquire(PROVIDER, model=model) as again:  # not at that expiry: now
+            assert again.key_id in KEYS
