@@ -11,10 +11,8 @@ from . import scripts
 from .alane import ALanes, supported
 from .classify import Failure
 from .core import PoolCore
-from .lane import Late
 from .lease import AsyncLease
 from .ops import Cmd, CmdMany, Flow, Invoke, Picked, Run, RunMany, Sleep
-from .protocol import Report, parse_report
 from .settings import KeyPoolSettings
 from .stats import KeyStats, ScopeStats
 from .store import open_store_async
@@ -102,14 +100,11 @@ class AsyncKeyPool(PoolCore):
     async def _execute(self, op: Any) -> Any:
         lanes = self._lanes
         if type(op) is Run and lanes is not None:  # pipelined: no place at the gate
-            space = self._space(op.provider)
-            args = [space.prefix, *op.call.argv()]
+            script, keys, args = self._script_call(op.provider, op.call)
             lane = lanes.current()
-            if not op.confirm and lane.send(
-                op.call.script, space.keys, args, (op.provider, op.call)
-            ):
+            if not op.confirm and lane.send(script, keys, args, (op.provider, op.call)):
                 return None
-            return await lane.call(op.call.script, space.keys, args)
+            return await lane.call(script, keys, args)
         if type(op) is Sleep:
             await asyncio.sleep(op.seconds)
             return None
@@ -121,36 +116,13 @@ class AsyncKeyPool(PoolCore):
         async with self._gate():
             return await self._execute_now(op)
 
-    def _log_late(self, late: list[Late]) -> None:
-        """Replies of reports sent without waiting: logged (events, errors), never raised."""
-        for item in late:
-            provider, call = item.tag
-            if not isinstance(call, Report):
-                continue
-            if item.error is not None:
-                self._log.warning(
-                    "report_unconfirmed",
-                    provider=provider,
-                    key_id=call.key_id,
-                    outcome=call.outcome,
-                    error=type(item.error).__name__,
-                )
-            elif item.reply is not None:
-                self._log_report(
-                    provider, call.key_id, call.outcome, None, parse_report(item.reply)
-                )
-
     async def _execute_now(self, op: Any) -> Any:
         client = self._client
         if type(op) is Run:  # a Cluster, Sentinel, the embedded store: waits for its reply
-            space = self._space(op.provider)
-            args = [space.prefix, *op.call.argv()]
-            return await op.call.script.call_async(client, space.keys, args)
+            script, keys, args = self._script_call(op.provider, op.call)
+            return await script.call_async(client, keys, args)
         if type(op) is RunMany:
-            calls: list[scripts.Call] = []
-            for provider, call in op.calls:
-                space = self._space(provider)
-                calls.append((call.script, space.keys, [space.prefix, *call.argv()]))
+            calls = [self._script_call(p, call) for p, call in op.calls]
             return await scripts.run_many_async(client, calls)
         if type(op) is Cmd:
             return await getattr(client, op.name)(*op.args)

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from .kinds import ErrorKind
 from .log import redact
+from .validate import MAX_RETRY_AFTER
 
 __all__ = [
     "Failure",
@@ -405,8 +406,10 @@ def _check_retry_after(value: object) -> float | None:
         seconds = float(value)
     except OverflowError:
         raise ValueError("invalid retry_after: the number is too large") from None
-    if not math.isfinite(seconds) or not 0 <= seconds <= 1e9:
-        raise ValueError(f"invalid retry_after {value!r}: expected seconds >= 0 and <= 1e9")
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_RETRY_AFTER:
+        raise ValueError(
+            f"invalid retry_after {value!r}: expected seconds >= 0 and <= {MAX_RETRY_AFTER:.0e}"
+        )
     return seconds
 
 

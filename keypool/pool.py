@@ -11,10 +11,9 @@ import redis
 from . import scripts
 from .classify import Failure
 from .core import PoolCore
-from .lane import Lanes, Late
+from .lane import Lanes
 from .lease import Lease
 from .ops import Cmd, CmdMany, Flow, Invoke, Run, RunMany, Sleep
-from .protocol import Report, parse_report
 from .settings import KeyPoolSettings
 from .stats import KeyStats, ScopeStats
 from .store import is_embedded, open_store
@@ -59,18 +58,14 @@ class KeyPool(PoolCore):
     def _execute(self, op: Any) -> Any:
         client = self._client
         if type(op) is Run:
-            space = self._space(op.provider)
-            args = [space.prefix, *op.call.argv()]
+            script, keys, args = self._script_call(op.provider, op.call)
             if self._lanes is None:
-                return op.call.script(client, space.keys, args)
+                return script(client, keys, args)
             lane = self._lanes.current()
             if op.confirm:
-                reply, late = lane.call(op.call.script, space.keys, args)
+                reply, late = lane.call(script, keys, args)
             else:
-                reply, late = (
-                    None,
-                    lane.send(op.call.script, space.keys, args, (op.provider, op.call)),
-                )
+                reply, late = None, lane.send(script, keys, args, (op.provider, op.call))
             if late:
                 self._log_late(late)
             return reply
@@ -83,10 +78,7 @@ class KeyPool(PoolCore):
             # reports sent from this thread reach the store before anything read here
             self._log_late(mine.settle())
         if type(op) is RunMany:
-            calls: list[scripts.Call] = []
-            for provider, call in op.calls:
-                space = self._space(provider)
-                calls.append((call.script, space.keys, [space.prefix, *call.argv()]))
+            calls = [self._script_call(p, call) for p, call in op.calls]
             return scripts.run_many(client, calls)
         if type(op) is Cmd:
             return getattr(client, op.name)(*op.args)
@@ -96,25 +88,6 @@ class KeyPool(PoolCore):
                 getattr(pipe, name)(*cmd_args)
             return pipe.execute()
         raise TypeError(f"unknown operation {op!r}")
-
-    def _log_late(self, late: list[Late]) -> None:
-        """Replies of reports sent without waiting: logged (events, errors), never raised."""
-        for item in late:
-            provider, call = item.tag
-            if not isinstance(call, Report):
-                continue
-            if item.error is not None:
-                self._log.warning(
-                    "report_unconfirmed",
-                    provider=provider,
-                    key_id=call.key_id,
-                    outcome=call.outcome,
-                    error=type(item.error).__name__,
-                )
-            elif item.reply is not None:
-                self._log_report(
-                    provider, call.key_id, call.outcome, None, parse_report(item.reply)
-                )
 
     def _invoke(self, op: Invoke) -> tuple[bool, Any]:
         lease = Lease(self, op.picked)

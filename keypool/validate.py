@@ -11,8 +11,8 @@ bad call writes nothing. The ranges (all inclusive):
 ``max_concurrency``                    whole number, 1 .. 10**6 (or None)
 ``weight``                             finite number, > 0 .. 10**6
 ``latency``                            finite seconds, 0 .. 86,400
-``retry_after``                        finite seconds, 0 .. 10**9 (then clamped to the
-                                       ``max_cooldown`` setting, like providers' hints)
+``retry_after``                        finite seconds, 0 .. 10**9 (``classify`` checks it;
+                                       then clamped to the ``max_cooldown`` setting)
 ``ttl`` (``renew``)                    finite seconds, > 0 .. 86,400
 ``wait``                               finite seconds, 0 .. 86,400
 ``max_attempts``                       whole number, 1 .. 1,000
@@ -29,7 +29,6 @@ __all__ = [
     "check_secret",
     "limit_arg",
     "max_attempts_arg",
-    "retry_after_arg",
     "seconds_arg",
     "tokens_arg",
     "weight_arg",
@@ -53,11 +52,11 @@ def _whole(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
-def limit_arg(name: str, value: object, high: int = MAX_LIMIT) -> int:
-    """A limit: ``None`` (no limit, 0 in the store) or a whole number 1..``high``."""
+def limit_arg(name: str, value: object, high: int = MAX_LIMIT, *, low: int = 1) -> int:
+    """A limit: ``None`` (no limit, 0 in the store) or a whole number ``low``..``high``."""
     if value is None:
         return 0
-    return _whole(name, value, 1, high)
+    return _whole(name, value, low, high)
 
 
 def tokens_arg(value: object, name: str = "tokens", *, allow_none: bool = False) -> int | None:
@@ -89,10 +88,6 @@ def seconds_arg(
         low = "> 0" if positive else ">= 0"
         raise ValueError(f"invalid {name} {value!r}: expected seconds {low} and <= {high:g}")
     return number
-
-
-def retry_after_arg(value: object) -> float | None:
-    return seconds_arg("retry_after", value, MAX_RETRY_AFTER)
 
 
 def weight_arg(value: object) -> float:

@@ -260,12 +260,14 @@ end
 -- ---------------------------------------------------------------- availability
 
 -- When the key's earliest own lease expires (for a key full of leases).
+local function min_score(zset)
+  local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+  if first[2] then return tonumber(first[2]) end
+  return nil
+end
+
 local function first_lease_expiry(id)
-  local first = redis.call('ZRANGE', key_leases(id), 0, 0, 'WITHSCORES')
-  if first[2] then return tonumber(first[2]) end
-  first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
-  if first[2] then return tonumber(first[2]) end
-  return 0
+  return min_score(key_leases(id)) or min_score(K_LEASES) or 0
 end
 
 local ONE_REQUEST = { req = 1, tok = 0, inp = 0, out = 0 }
@@ -277,8 +279,7 @@ local function scope_at(h, cost, now)
   local b, bwhy = budgets_at(h, cost, now)
   if b > at then at, why = b, bwhy end
   if h.maxc > 0 and h.inflight >= h.maxc then
-    local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
-    local t = first[2] and tonumber(first[2]) or NEVER
+    local t = min_score(K_LEASES) or NEVER
     if t > at then at, why = t, 'concurrency' end
   end
   if at <= now then return 0, '' end
@@ -309,12 +310,6 @@ local function available_at(s, now)
   end
   if at <= now then return 0, '' end
   return at, why
-end
-
-local function min_score(zset)
-  local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
-  if first[2] then return tonumber(first[2]) end
-  return nil
 end
 
 local function score(s, i)
@@ -496,17 +491,6 @@ local function close_lease(s, w, lease_id)
   if s and s.maxc > 0 then redis.call('ZREM', key_leases(s.id), lease_id) end
   if s then set(s, w, 'inflight', math.max(0, s.inflight - 1)) end
   return true
-end
-
--- The open leases of a key, counted from the lease records (for reset and repair).
-local function count_open_leases(id)
-  local n = 0
-  local open = redis.call('ZRANGE', K_LEASES, 0, -1)
-  for i = 1, #open do
-    local r = redis.call('HGET', K_LEASE, open[i])
-    if r and string.sub(r, 1, #id + 1) == id .. '\n' then n = n + 1 end
-  end
-  return n
 end
 
 -- Free leases whose holder did not report in time (a crashed or hung process), forget

@@ -96,25 +96,23 @@ end
 local account_cooled = false
 local function cool_scoped(until_ms, why, default)
   local where = scope ~= '' and scope or default
+  local name
   if where == 'model' and model ~= '' then
-    local h = scope_or_new('km:' .. id .. ':' .. model)
-    local hw = {}
-    local event = cool(until_ms, why, h, hw)
-    scope_flush(h, hw)
-    if event ~= '' then   -- forgotten when it ends, unless limits were set on it
-      redis.call('ZADD', PREFIX .. 'sw', h['until'], h.name)
-      note_due(h['until'])
-    end
-    return event
+    name = 'km:' .. id .. ':' .. model
   elseif where == 'account' and acct ~= '' then
-    local h = scope_or_new('a:' .. acct)
-    local hw = {}
-    local event = cool(until_ms, why, h, hw)
-    scope_flush(h, hw)
-    account_cooled = event ~= ''
-    return event
+    name = 'a:' .. acct
+  else
+    return cool(until_ms, why)
   end
-  return cool(until_ms, why)
+  local h, hw = scope_or_new(name), {}
+  local event = cool(until_ms, why, h, hw)
+  scope_flush(h, hw)
+  if event ~= '' and where == 'model' then   -- forgotten when it ends, unless limited
+    redis.call('ZADD', PREFIX .. 'sw', h['until'], h.name)
+    note_due(h['until'])
+  end
+  account_cooled = account_cooled or (event ~= '' and where == 'account')
+  return event
 end
 
 if outcome == 'success' or outcome == 'release' then

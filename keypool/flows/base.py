@@ -17,10 +17,12 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .. import scripts
 from ..errors import ConfigError, PoolUnavailable
 from ..keyspace import ProviderKeys
 from ..local import LocalState
 from ..log import configure_logging, get_logger
+from ..protocol import ScriptCall
 from ..sealing import Sealer
 from ..settings import KeyPoolSettings, load_settings
 from ..store import parse_url, redact_url
@@ -85,6 +87,12 @@ class FlowBase:
         if space is None:
             space = self._spaces[provider] = ProviderKeys(self.namespace, provider)
         return space
+
+    def _script_call(self, provider: str, call: ScriptCall) -> scripts.Call:
+        """A protocol call as the drivers send it: the script, KEYS and the full ARGV (the
+        provider's prefix first)."""
+        space = self._space(provider)
+        return call.script, space.keys, [space.prefix, *call.argv()]
 
     def _seal_context(self, provider: str, key_id: str) -> str:
         return f"{self.namespace}/{provider}/{key_id}"

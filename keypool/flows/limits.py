@@ -9,7 +9,7 @@ from ..ops import Flow, Run
 from ..protocol import LIMIT_NAMES, SetLimits, ShowLimits
 from ..providers import normalize_provider, validate_account, validate_key_id, validate_model
 from ..stats import ScopeStats, parse_scopes_reply
-from ..validate import MAX_CONCURRENCY, MAX_LIMIT, _whole
+from ..validate import MAX_CONCURRENCY, MAX_LIMIT, limit_arg
 from .register import RegisterFlows
 
 __all__ = ["LimitFlows"]
@@ -20,7 +20,7 @@ def _limit_or_keep(name: str, value: object) -> int | None:
     if value is None:
         return None
     high = MAX_CONCURRENCY if name == "max_concurrency" else MAX_LIMIT
-    return _whole(name, value, 0, high)
+    return limit_arg(name, value, high, low=0)
 
 
 class LimitFlows(RegisterFlows):

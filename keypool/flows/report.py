@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..classify import Failure, classify
+from ..lane import Late
 from ..local import new_lease_id
 from ..ops import Flow, Picked, Run
 from ..protocol import Admin, Report, ReportReply, parse_admin, parse_report
@@ -119,6 +120,26 @@ class ReportFlows(RegisterFlows):
             )
             reply = parse_report((yield Run(picked.provider, again)))
         self._log_report(picked.provider, picked.key_id, outcome, failure, reply)
+
+    def _log_late(self, late: list[Late]) -> None:
+        """Replies of reports a lane sent without waiting (sync or asyncio): logged (events,
+        errors), never raised."""
+        for item in late:
+            provider, call = item.tag
+            if not isinstance(call, Report):
+                continue
+            if item.error is not None:
+                self._log.warning(
+                    "report_unconfirmed",
+                    provider=provider,
+                    key_id=call.key_id,
+                    outcome=call.outcome,
+                    error=type(item.error).__name__,
+                )
+            elif item.reply is not None:
+                self._log_report(
+                    provider, call.key_id, call.outcome, None, parse_report(item.reply)
+                )
 
     def _mark_flow(
         self,
