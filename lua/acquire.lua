@@ -205,6 +205,17 @@ local function walk(zset_name)
   end
 end
 
+-- No key of the model can serve: when the earliest of them could (those waiting, or held
+-- back for this model).
+local function none_of(members)
+  for i = 1, #members do
+    local sc = redis.call('ZSCORE', K_WAIT, members[i])
+      or redis.call('ZSCORE', model_waiting(model), members[i])
+    if sc then consider_waiting(members[i], tonumber(sc)) end
+  end
+  return none()
+end
+
 if model ~= '' and zi == 1 and redis.call('EXISTS', model_set(model)) == 1 then
   -- round robin over a model's keys: its own rotation, as flat as the provider's
   ensure_model_rotation(model)
@@ -219,13 +230,7 @@ if model ~= '' and zi == 1 and redis.call('EXISTS', model_set(model)) == 1 then
   local picked = walk(rotation)
   if picked then return picked end
   if fallback then return take(fallback, fallback_scoped) end
-  local members = redis.call('SMEMBERS', model_set(model))
-  for i = 1, #members do
-    local sc = redis.call('ZSCORE', K_WAIT, members[i])
-      or redis.call('ZSCORE', model_waiting(model), members[i])
-    if sc then consider_waiting(members[i], tonumber(sc)) end
-  end
-  return none()
+  return none_of(redis.call('SMEMBERS', model_set(model)))
 end
 
 if model ~= '' then
@@ -245,11 +250,7 @@ if model ~= '' then
       if s then return take(s, scoped) end
     end
     if fallback then return take(fallback, fallback_scoped) end
-    for i = 1, #members do
-      local sc = redis.call('ZSCORE', K_WAIT, members[i])
-      if sc then consider_waiting(members[i], tonumber(sc)) end
-    end
-    return none()
+    return none_of(members)
   elseif model_only then
     return { 'NONE', -1, 'no_keys' }
   end
