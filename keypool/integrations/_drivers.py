@@ -290,8 +290,12 @@ async def _drive_async(
 
 class _PoolAuthBase:
     _lib: ClassVar[Library]
+    pool: KeyPool | AsyncKeyPool
     config: AuthConfig
     requires_request_body: bool
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pool={self.pool!r}, {self.config.describe()})"
 
     def _configure(self, provider: object, **options: Any) -> None:
         self.config = AuthConfig(provider, **options)
@@ -316,6 +320,8 @@ class _PoolAuthBase:
 class SyncPoolAuth(_PoolAuthBase):
     """Auth leasing a key from a blocking :class:`~keypool.KeyPool` for each request; with
     a blocking client, or an asyncio one (the pool's calls then run in a worker thread)."""
+
+    pool: KeyPool
 
     def __init__(
         self,
@@ -345,9 +351,6 @@ class SyncPoolAuth(_PoolAuthBase):
             header=header,
             scheme=scheme,
         )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(pool={self.pool!r}, {self.config.describe()})"
 
     def _hold(self) -> Hold:
         lease = self.pool.acquire(self.config.provider, **self.config.acquire_args())
@@ -408,6 +411,8 @@ class AsyncPoolAuth(_PoolAuthBase):
     """Auth leasing a key from an :class:`~keypool.AsyncKeyPool` for each request of an
     asyncio client."""
 
+    pool: AsyncKeyPool
+
     def __init__(
         self,
         apool: AsyncKeyPool,
@@ -436,9 +441,6 @@ class AsyncPoolAuth(_PoolAuthBase):
             header=header,
             scheme=scheme,
         )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(pool={self.pool!r}, {self.config.describe()})"
 
     async def _aexecute(self, op: Op) -> Any:
         if type(op) is Acquire:
