@@ -229,8 +229,10 @@ def test_a_429_for_one_model_leaves_the_key_serving_others_across_processes(
     ] * 3
     results = run_workers(calls)
     for seen in results[1:]:
-        assert "k1" not in seen["gpt-4o"], seen  # cooled for gpt-4o ...
-        assert "k1" in seen["gpt-4o-mini"], seen  # ... and still serving gpt-4o-mini
+        assert "k1" not in seen["gpt-4o"], seen  # cooled for gpt-4o in every process ...
+    # ... and still serving gpt-4o-mini to the fleet (which process gets it is a race: the
+    # three share one rotation)
+    assert any("k1" in seen["gpt-4o-mini"] for seen in results[1:]), results
     assert set(fleet.stats(PROVIDER, "k1").cooling_models) == {"gpt-4o"}
 
 
