@@ -24,7 +24,6 @@ PROVIDER_KEYS = (
     "lat",
 )
 KEY_HASH = "k:"  # <prefix>k:<key_id>   hash: one key's configuration and state
-KEY_LEASES = "kl:"  # <prefix>kl:<key_id>  zset: its open leases
 MODEL_SET = "m:"  # <prefix>m:<model>    set: key ids assigned to the model
 
 
@@ -60,9 +59,6 @@ class ProviderKeys:
 
     def key_hash(self, key_id: str) -> str:
         return self.prefix + KEY_HASH + key_id
-
-    def key_leases(self, key_id: str) -> str:
-        return self.prefix + KEY_LEASES + key_id
 
     def model_set(self, model: str) -> str:
         return self.prefix + MODEL_SET + model

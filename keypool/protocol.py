@@ -147,7 +147,7 @@ class Report(ScriptCall):
     scope: str = ""  # key | model | account; '' as the failure says
 
     def argv(self) -> list[Any]:
-        return [
+        head = [
             self.call_id,
             self.key_id,
             self.outcome,
@@ -158,9 +158,13 @@ class Report(ScriptCall):
             "" if self.latency_ms is None else f"{self.latency_ms:.3f}",
             _optional(self.retry_after_ms),
             self.detail,
-            *self.cooldowns,
-            self.scope,
         ]
+        if self.outcome in _NO_FAILURE and not self.scope:
+            return head  # the script reads the failure settings only for a failure
+        return [*head, *self.cooldowns, self.scope]
+
+
+_NO_FAILURE = frozenset({"success", "release"})
 
 
 @dataclass(frozen=True, slots=True)

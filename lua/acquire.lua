@@ -126,7 +126,6 @@ local function take(s, scoped)
     local expiry = now + ttl
     redis.call('ZADD', K_LEASES, expiry, call_id)
     redis.call('HSET', K_LEASE, call_id, rec)
-    if s.maxc > 0 then redis.call('ZADD', key_leases(s.id), expiry, call_id) end
     note_due(expiry)
     set(s, w, 'inflight', s.inflight + 1)
   else

@@ -22,6 +22,7 @@
 
 local call_id, id, action, arg = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local h = key_hash(id)
+keep_nothing(id)
 local s = load(id)
 local now = now_ms()
 if not s then
@@ -68,10 +69,6 @@ elseif action == 'reset' then
   -- in-flight is what the open leases say (whatever an earlier version left)
   local mine = open_leases()
   set(s, w, 'inflight', #mine)
-  redis.call('DEL', key_leases(id))
-  if s.maxc > 0 then
-    for i = 1, #mine do redis.call('ZADD', key_leases(id), mine[i][2], mine[i][1]) end
-  end
 elseif action == 'remove' then
   -- out of its account first: re-placing the account's keys must not bring it back
   if s.acct ~= '' then redis.call('SREM', account_set(s.acct), id) end
@@ -111,7 +108,7 @@ elseif action == 'remove' then
       redis.call('SREM', PREFIX .. 'scopes', scopes[i])
     end
   end
-  redis.call('DEL', h, key_leases(id))
+  redis.call('DEL', h, PREFIX .. 'kl:' .. id)   -- (a zset earlier versions kept per key)
   keep_record(call_id, record(id, 0, 0, 0, 0, '', '', ''), now + REPEAT_MS)
   return { 'OK', 1, emptied }
 elseif action == 'assign' or action == 'unassign' then
@@ -148,7 +145,6 @@ elseif action == 'renew' then
   if not redis.call('ZSCORE', K_LEASES, arg) then return { 'OK', 0 } end
   local expiry = now + tonumber(ARGV[6])
   redis.call('ZADD', K_LEASES, expiry, arg)
-  if s.maxc > 0 then redis.call('ZADD', key_leases(id), expiry, arg) end
   note_due(expiry)
 else
   return redis.error_reply('ERR keypool: unknown admin action ' .. action)

@@ -21,7 +21,6 @@
 --                     latency·2^40+served). rr is always kept; the others are built the
 --                     first time their strategy is used (meta `zs` lists them).
 --   k:<id>      hash  one key: configuration and state, one plain field each (HGETALL)
---   kl:<id>     zset  the key's open lease ids -> expiry (keys with max_concurrency only)
 --   m:<model>   set   key ids assigned to a model
 --   mr:<model>  zset  the model's keys available now, in round-robin order (score as rr),
 --                     so routing a model is as flat as routing the provider
@@ -54,15 +53,24 @@ local KEEP_RECORD_MS, REPEAT_MS = 3600000, 60000
 -- Scores written to sorted sets are whole numbers (ms, or µs for `pass`): Redis turns a
 -- fractional Lua number into a long decimal string for every call.
 
+-- A number argument as the client sends it (digits; '' = none).
+local function number_arg(text)
+  if text == '' or text == nil then return nil end
+  return text + 0
+end
+
 local NOW_US = 0
+local STAMP = ''   -- this call's time as text, "<seconds>.<microseconds>": see `v` below
+local PAD_US = { '.00000', '.0000', '.000', '.00', '.0', '.' }
 local function now_ms()
   local t = redis.call('TIME')
-  NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  NOW_US = t[1] * 1000000 + t[2]
+  STAMP = t[1] .. PAD_US[#t[2]] .. t[2]
   return math.floor(NOW_US / 1000)
 end
 
+
 local function key_hash(id) return PREFIX .. 'k:' .. id end
-local function key_leases(id) return PREFIX .. 'kl:' .. id end
 local function model_set(model) return PREFIX .. 'm:' .. model end
 local function account_set(account) return PREFIX .. 'ak:' .. account end
 local function model_rotation(model) return PREFIX .. 'mr:' .. model end
@@ -103,8 +111,38 @@ local DEFAULTS = nil   -- NUMBERS and the text fields' '' (made by begin(): a li
                       -- top level may not iterate)
 local STATE_MT = {}
 
+-- Key states read by earlier calls. Loaded as functions, the library lives on between
+-- calls, and reading a state back costs one field instead of the whole hash: every write
+-- sets the hash's `v` to the writing call's STAMP, and a kept state is used only while `v`
+-- is still the one it was kept at (and the pool's epoch the same). A hash edited by hand
+-- without `v` is read whole again. (Run as scripts, every call starts with none kept.)
+local KEPT, KEPT_COUNT, KEPT_MAX = {}, 0, 20000
+local KEEP_OFF = false   -- this call writes key hashes directly (register, admin): keep none
+
+local function keep(key, s)
+  if KEPT[key] == nil then
+    if KEPT_COUNT >= KEPT_MAX then KEPT, KEPT_COUNT = {}, 0 end
+    KEPT_COUNT = KEPT_COUNT + 1
+  end
+  KEPT[key] = s
+end
+
+-- For a call that writes key `id`'s hash other than through flush(): nothing is kept during
+-- it, and what was kept of that key is forgotten.
+local function keep_nothing(id)
+  KEEP_OFF = true
+  local key = key_hash(id)
+  if KEPT[key] then KEPT[key] = false end
+end
+
 local function load(id)
-  local raw = redis.call('HGETALL', key_hash(id))
+  local key = key_hash(id)
+  local kept = not KEEP_OFF and KEPT[key]
+  if kept then
+    if kept.ep == EPOCH and kept.v == redis.call('HGET', key, 'v') then return kept end
+    KEPT[key] = false
+  end
+  local raw = redis.call('HGETALL', key)
   if #raw == 0 then return nil end
   local s = setmetatable({ id = id }, STATE_MT)
   for i = 1, #raw, 2 do
@@ -114,27 +152,44 @@ local function load(id)
   end
   if not rawget(s, 'fp') then return nil end
   if s.weight <= 0 then s.weight = 1 end
+  if rawget(s, 'v') and EPOCH and not KEEP_OFF then
+    s.ep = EPOCH
+    keep(key, s)
+  end
   return s
 end
 
 -- Changes to write: set(s, w, name, value) updates s and queues the field; flush writes.
+-- (A state changed but not yet written is never taken as the hash's: `v` is cleared.)
 local function set(s, w, name, value)
   s[name] = value
+  s.v = false
   w[#w + 1] = name
   w[#w + 1] = value
 end
 
 local function flush(s, w)
-  if #w > 0 then redis.call('HSET', key_hash(s.id), unpack(w)) end
+  if #w == 0 then return end
+  local key = key_hash(s.id)
+  w[#w + 1] = 'v'
+  w[#w + 1] = STAMP
+  redis.call('HSET', key, unpack(w))
+  s.v = STAMP
+  if EPOCH and not KEEP_OFF then
+    s.ep = EPOCH
+    keep(key, s)
+  end
 end
 
 -- ---------------------------------------------------------------- limit scopes
 
-local SCOPE_CACHE = {}   -- scope suffix -> state table, or false when absent (per call)
+local SCOPE_CACHE = nil   -- scope suffix -> state table, or false when absent (per call;
+                         -- made on first use)
 
 -- A limit scope's state ("a:<account>", "am:<account>:<model>", "km:<key_id>:<model>"),
 -- or false when it does not exist.
 local function load_scope(name)
+  if not SCOPE_CACHE then SCOPE_CACHE = {} end
   local cached = SCOPE_CACHE[name]
   if cached ~= nil then return cached end
   local raw = redis.call('HGETALL', PREFIX .. 's:' .. name)
@@ -161,7 +216,7 @@ local function scope_or_new(name)
   local h = load_scope(name)
   if h then return h end
   h = setmetatable({ name = name }, STATE_MT)
-  SCOPE_CACHE[name] = h
+  SCOPE_CACHE[name] = h   -- (made by load_scope above)
   return h
 end
 
@@ -179,7 +234,7 @@ local function forget_scope(name)
   redis.call('DEL', PREFIX .. 's:' .. name)
   redis.call('SREM', PREFIX .. 'scopes', name)
   redis.call('ZREM', PREFIX .. 'sw', name)
-  SCOPE_CACHE[name] = false
+  if SCOPE_CACHE then SCOPE_CACHE[name] = false end
 end
 
 -- ---------------------------------------------------------------- budgets (GCRA)
@@ -266,8 +321,10 @@ local function min_score(zset)
   return nil
 end
 
-local function first_lease_expiry(id)
-  return min_score(key_leases(id)) or min_score(K_LEASES) or 0
+-- When a key full of leases looks again: when the first open lease expires (its own or
+-- another key's: never later than its own; a report frees a slot at once anyway).
+local function first_lease_expiry()
+  return min_score(K_LEASES) or 0
 end
 
 local ONE_REQUEST = { req = 1, tok = 0, inp = 0, out = 0 }
@@ -298,7 +355,7 @@ local function available_at(s, now)
   local b, bwhy = budgets_at(s, ONE_REQUEST, now)
   if b > at then at, why = b, bwhy end
   if s.maxc > 0 and s.inflight >= s.maxc then
-    b = first_lease_expiry(s.id)
+    b = first_lease_expiry()
     if b > at then at, why = b, 'concurrency' end
   end
   if s.acct ~= '' then   -- the key's account, for any model
@@ -393,7 +450,10 @@ end
 -- The limit scopes that apply to a request on key s for `model` ('' = any): the
 -- account's, the account's for the model, the key's for the model (those that exist).
 -- Each entry: {letter, state}.
+local NO_SCOPES = {}   -- (shared: never added to)
+local NO_ESTIMATE = { tok = 0, inp = 0, out = 0 }   -- (shared: never changed)
 local function scopes_for(s, model)
+  if s.acct == '' and model == '' then return NO_SCOPES end
   local out = {}
   if s.acct ~= '' then
     local a = load_scope('a:' .. s.acct)
@@ -470,11 +530,11 @@ end
 
 local function parse_record(r)
   local key_id, tok, inp, out, ttl, acct, held, model =
-    string.match(r, '^([^\n]*)\n(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)\n(.*)$')
+    string.match(r, '^([^\n]*)\n(%d+) (%d+) (%d+) (%d+) (%S+) (%S+)\n(.*)$')
   if not key_id then return nil end
-  return { key_id = key_id, tok = tonumber(tok), inp = tonumber(inp), out = tonumber(out),
-    ttl = tonumber(ttl), model = model, acct = acct ~= '-' and acct or '',
-    held = held ~= '-' and held or '' }
+  -- (`+ 0`: the digits matched are a number)
+  return { key_id = key_id, tok = tok + 0, inp = inp + 0, out = out + 0, ttl = ttl + 0,
+    model = model, acct = acct ~= '-' and acct or '', held = held ~= '-' and held or '' }
 end
 
 -- Keep a record (without an open lease) until `forget_at`, to recognise a repeated call.
@@ -488,7 +548,6 @@ end
 -- True when it was open (so in-flight always equals the open leases).
 local function close_lease(s, w, lease_id)
   if redis.call('ZREM', K_LEASES, lease_id) == 0 then return false end
-  if s and s.maxc > 0 then redis.call('ZREM', key_leases(s.id), lease_id) end
   if s then set(s, w, 'inflight', math.max(0, s.inflight - 1)) end
   return true
 end
@@ -535,8 +594,9 @@ local function housekeeping(now)
     for i = 1, #due do
       local s = load(due[i])
       if s then
-        s.loc = 'w'   -- it is in wait, whatever the hash says
-        replace(s, {}, now)
+        local w = {}
+        if s.loc ~= 'w' then set(s, w, 'loc', 'w') end   -- it is in wait, whatever the hash says
+        replace(s, w, now)
       else
         redis.call('ZREM', K_WAIT, due[i])
       end
@@ -580,7 +640,8 @@ local function begin(keys, args)
     STRATEGY_ZSETS = { PREFIX .. 'rr', PREFIX .. 'wrr', PREFIX .. 'best', PREFIX .. 'busy', PREFIX .. 'lat' }
     BEGUN_PREFIX, BEGUN_ZS = args[1], nil
   end
-  SCOPE_CACHE = {}
+  SCOPE_CACHE = nil
+  KEEP_OFF = false
   if not DEFAULTS then
     DEFAULTS = { circ = '', loc = '', why = '', sealed = '', acct = '' }
     for name, default in pairs(NUMBERS) do DEFAULTS[name] = default end

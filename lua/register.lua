@@ -24,6 +24,7 @@
 
 local id, fp = ARGV[2], ARGV[3]
 local h = key_hash(id)
+keep_nothing(id)
 
 local holder = redis.call('HGET', K_FPS, fp)
 if holder and holder ~= id and redis.call('SISMEMBER', K_ALL, holder) == 1 then
@@ -42,6 +43,12 @@ local old_fp = redis.call('HGET', h, 'fp')
 local result = 'updated'
 redis.call('SADD', K_ALL, id)
 redis.call('HSET', K_FPS, fp, id)
+if not old_fp then
+  -- A new hash starts with the fields every call reads or writes: a small hash is a list
+  -- that a command searches from its start.
+  redis.call('HSET', h, 'v', STAMP, 'inflight', 0, 'pass', 0, 'total', 0, 'last_used', 0,
+    'ok', 0, 'last_ok', 0, 'tokens', 0)
+end
 redis.call('HSET', h, 'id', id, 'fp', fp)
 if old_fp and old_fp ~= fp and redis.call('HGET', K_FPS, old_fp) == id then
   redis.call('HDEL', K_FPS, old_fp)

@@ -25,6 +25,7 @@
 -- ARGV[18]  scope a rate limit or quota cools: key | model | account; '' = as the failure
 --           says: a rate limit on a lease for a model cools that key for that model only,
 --           a quota the key's account when it has one, anything else the key
+-- (ARGV[12..18] may be left out of a success or release: only a failure reads them.)
 --
 -- Reply: {'OK', event, why_unavailable, available_at_ms (0 = now, -1 = never), now_ms}
 --   event: '' | 'cooldown_set' | 'cooldown_extended' | 'key_exhausted' | 'key_disabled' |
@@ -34,13 +35,11 @@
 
 local call_id, id, outcome = ARGV[2], ARGV[3], ARGV[4]
 local leased = ARGV[5] == '1'
-local actual, actual_in, actual_out = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local latency = tonumber(ARGV[9])
-local retry_ms = tonumber(ARGV[10])
+local actual, actual_in, actual_out = number_arg(ARGV[6]), number_arg(ARGV[7]), number_arg(ARGV[8])
+local latency = number_arg(ARGV[9])
+local retry_ms = number_arg(ARGV[10])
 local detail = ARGV[11]
-local rl_base, rl_cap = tonumber(ARGV[12]), tonumber(ARGV[13])
-local quota_ms, threshold = tonumber(ARGV[14]), tonumber(ARGV[15])
-local cb_base, cb_cap = tonumber(ARGV[16]), tonumber(ARGV[17])
+-- (ARGV[12..17], cooldowns and the circuit breaker's settings, are read where used)
 local scope = ARGV[18] or ''
 
 local now = now_ms()
@@ -56,7 +55,7 @@ if not s then
 end
 
 local w = {}
-local est = { tok = 0, inp = 0, out = 0 }
+local est = NO_ESTIMATE   -- what the call reserved: its record's tok, inp, out
 local model, acct = '', s.acct
 local scoped = {}   -- the limit scopes the call was charged to: {letter, state, writes}
 if leased then
@@ -65,11 +64,13 @@ if leased then
   local open = close_lease(s, w, call_id)   -- false when it expired: in-flight untouched
   redis.call('HDEL', K_LEASE, call_id)
   if not open then redis.call('ZREM', K_DONE, call_id) end   -- the record of an expired one
-  est = { tok = r.tok, inp = r.inp, out = r.out }
+  est = r
   model, acct = r.model, r.acct
-  for _, entry in ipairs(scopes_for({ id = id, acct = acct }, model)) do
-    -- {letter, state, writes, whether the lease held one of its in-flight slots}
-    scoped[#scoped + 1] = { entry[1], entry[2], {}, open and string.find(r.held, entry[1], 1, true) }
+  if acct ~= '' or model ~= '' then
+    for _, entry in ipairs(scopes_for({ id = id, acct = acct }, model)) do
+      -- {letter, state, writes, whether the lease held one of its in-flight slots}
+      scoped[#scoped + 1] = { entry[1], entry[2], {}, open and string.find(r.held, entry[1], 1, true) }
+    end
   end
 else
   if seen then return { 'DONE' } end
@@ -145,16 +146,17 @@ if outcome == 'success' or outcome == 'release' then
   for i = 1, #scoped do budgets_settle(scoped[i][2], scoped[i][3], est, used, now) end
 else
   set(s, w, 'err', s.err + 1)
-  redis.call('HINCRBY', key_hash(id), 'e:' .. outcome, 1)
+  local count = 'e:' .. outcome   -- errors of this kind
+  set(s, w, count, (tonumber(s[count]) or 0) + 1)
   set(s, w, 'last_error', outcome .. (detail ~= '' and (' ' .. detail) or ''))
   set(s, w, 'last_error_at', now)
   if outcome == 'rate_limit' then
     set(s, w, 'rl_strikes', s.rl_strikes + 1)
     local dur = retry_ms
-    if not dur then dur = math.min(rl_base * 2 ^ (s.rl_strikes - 1), rl_cap) end
+    if not dur then dur = math.min(ARGV[12] * 2 ^ (s.rl_strikes - 1), ARGV[13] + 0) end
     event = cool_scoped(now + dur, 'rate_limit', model ~= '' and 'model' or 'key')
   elseif outcome == 'quota' then
-    event = cool_scoped(now + (retry_ms or quota_ms), 'quota', acct ~= '' and 'account' or 'key')
+    event = cool_scoped(now + (retry_ms or ARGV[14] + 0), 'quota', acct ~= '' and 'account' or 'key')
     if event ~= '' then event = 'key_exhausted' end
   elseif outcome == 'auth' then
     if s.en ~= 0 then
@@ -170,9 +172,9 @@ else
     -- server, timeout, connection: the circuit breaker. 'other' (an unclassified error,
     -- often the caller's own bug) is counted and ranks the key lower for `best`, but
     -- does not take the key out of service.
-    if outcome ~= 'other' and (s.circ == 'half' or s.circ == 'open' or s.consec >= threshold) then
+    if outcome ~= 'other' and (s.circ == 'half' or s.circ == 'open' or s.consec >= ARGV[15] + 0) then
       set(s, w, 'opens', s.opens + 1)
-      local dur = math.min(cb_base * 2 ^ (s.opens - 1), cb_cap)
+      local dur = math.min(ARGV[16] * 2 ^ (s.opens - 1), ARGV[17] + 0)
       set(s, w, 'circ', 'open'); set(s, w, 'probe_until', 0)
       cool(now + dur, 'circuit')
       event = 'circuit_opened'
