@@ -15,7 +15,7 @@ from .lease import AsyncLease
 from .ops import Cmd, CmdMany, Flow, Invoke, Picked, Run, RunMany, Sleep
 from .settings import KeyPoolSettings
 from .stats import KeyStats, ScopeStats
-from .store import open_store_async
+from .store import is_embedded, open_store_async
 
 __all__ = ["AcquireContext", "AsyncKeyPool"]
 
@@ -81,6 +81,7 @@ class AsyncKeyPool(PoolCore):
         # the script calls' own connections, one per event loop: on one server only (a
         # Cluster's client routes each call; Sentinel and the embedded store keep theirs)
         self._lanes: ALanes | None = None
+        self._embedded = is_embedded(self._client)
         if supported(self._client):
             self._lanes = ALanes(self._client.connection_pool, self._log_late)
 
@@ -120,6 +121,8 @@ class AsyncKeyPool(PoolCore):
         client = self._client
         if type(op) is Run:  # a Cluster, Sentinel, the embedded store: waits for its reply
             script, keys, args = self._script_call(op.provider, op.call)
+            if self._embedded:  # its scripts run as a function library: state kept
+                return await script.fcall_async(client, keys, args)
             return await script.call_async(client, keys, args)
         if type(op) is RunMany:
             calls = [self._script_call(p, call) for p, call in op.calls]

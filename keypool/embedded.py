@@ -51,6 +51,11 @@ from fakeredis._command_args_parsing import Float, Int
 from fakeredis._commands import COMMANDS_WITH_SUB
 from fakeredis._helpers import SimpleError, SimpleString
 from fakeredis._socket import AsyncFakeSocket, FakeSocket
+from fakeredis.commands_mixins._lua_functions import (
+    FunctionLibrary,
+    FunctionsEngine,
+    LuaFunction,
+)
 
 __all__ = [
     "EmbeddedAsyncRedis",
@@ -172,18 +177,80 @@ local function compile(source)
   return f, nil
 end
 
--- Where in the script an error was raised: the innermost frame of the script itself.
+-- Where in the script an error was raised: the innermost frame of the script (or function
+-- library) itself.
 local function handler(err)
   if type(err) ~= 'table' then err = {err = 'ERR ' .. tostring(err)} end
   for level = 2, 20 do
     local info = getinfo(level, 'Sl')
     if not info then break end
-    if info.source == '@user_script' then
+    if info.source == '@user_script' or info.source == '@user_function' then
       err.source, err.line = info.source, info.currentline
       break
     end
   end
   return err
+end
+
+local function failure(reply, where)
+  local msg = reply.err
+  if type(msg) ~= 'string' then msg = 'ERR ' .. tostring(msg) end
+  if reply.line then
+    msg = msg .. ' ' .. where .. ', on ' .. reply.source .. ':' .. reply.line .. '.'
+  end
+  return msg
+end
+
+-- Function libraries, as Redis 7 runs them: a library's code runs once, when loaded, with
+-- nothing but redis.register_function, redis.log and the version at hand; its functions
+-- then run with the scripts' globals, and its top-level locals live on between calls.
+local registering = nil   -- name -> function, while a library is being loaded
+local load_api = frozen({
+  register_function = function(name, callback)
+    if registering == nil then
+      error('redis.register_function can only be called on FUNCTION LOAD command', 2)
+    end
+    if type(name) == 'table' then
+      name, callback = name.function_name, name.callback
+    end
+    if type(name) ~= 'string' then
+      error('first argument to redis.register_function must be a string', 2)
+    end
+    if type(callback) ~= 'function' then
+      error('second argument to redis.register_function must be a function', 2)
+    end
+    if registering[name] then error('Function already exists in the library', 2) end
+    registering[name] = callback
+  end,
+  log = redis.log,
+  REDIS_VERSION = version, REDIS_VERSION_NUM = version_num,
+})
+local load_globals = setmetatable({redis = load_api}, {__index = function(_, name)
+  error("Script attempted to access nonexistent global variable '" .. tostring(name) .. "'", 2)
+end})
+local library_meta = {__index = globals, __newindex = readonly, __metatable = false}
+local library_env = setmetatable({}, library_meta)
+
+local function load_library(source)
+  local f, err = loadstring(source, '@user_function')
+  if not f then return nil, 'Error compiling function: ' .. tostring(err) end
+  setfenv(f, library_env)
+  registering, library_meta.__index = {}, load_globals
+  local ok, reply = xpcall(f, handler)
+  local functions = registering
+  registering, library_meta.__index = nil, globals
+  if not ok then return nil, 'Error registering functions: ' .. failure(reply, 'script') end
+  return functions, nil
+end
+
+local function call_function(f, name, numkeys, ...)
+  local n = select('#', ...)
+  local args, keys, argv = {...}, {}, {}
+  for i = 1, numkeys do keys[i] = args[i] end
+  for i = numkeys + 1, n do argv[i - numkeys] = args[i] end
+  local ok, reply = xpcall(function() return f(keys, argv) end, handler)
+  if ok then return true, reply end
+  return false, failure(reply, 'script: ' .. name)
 end
 
 local function run(f, sha, numkeys, ...)
@@ -195,15 +262,10 @@ local function run(f, sha, numkeys, ...)
   rawset(env, 'ARGV', argv)
   local ok, reply = xpcall(f, handler)
   if ok then return true, reply end
-  local msg = reply.err
-  if type(msg) ~= 'string' then msg = 'ERR ' .. tostring(msg) end
-  if reply.line then
-    msg = msg .. ' script: ' .. sha .. ', on ' .. reply.source .. ':' .. reply.line .. '.'
-  end
-  return false, msg
+  return false, failure(reply, 'script: ' .. sha)
 end
 
-return compile, run, null
+return compile, run, null, load_library, call_function
 """
 
 _NO_ARGS = b"ERR Please specify at least one argument for this redis lib call"
@@ -294,7 +356,13 @@ class LuaScripts:
         self._commands: dict[bytes, Any] = {}  # a command as a script names it -> its signature
         version = ".".join(str(v) for v in (*server.version, 0, 0)[:3])
         major, minor, patch = (int(v) for v in version.split("."))
-        self._compile, self._run, self._null = self._lua.execute(
+        (
+            self._compile,
+            self._run,
+            self._null,
+            self._load_library,
+            self._call_function,
+        ) = self._lua.execute(
             _BOOT,
             self._call,
             self._encode,
@@ -336,6 +404,30 @@ class LuaScripts:
         self._socket = socket
         try:
             ok, reply = self._run(compiled, sha, numkeys, *args)
+        finally:
+            self._socket = None
+        if not ok:
+            raise SimpleError(reply.decode("utf-8", "replace"))
+        reply = self._reply(reply)
+        if type(reply) is SimpleError:
+            raise reply
+        return reply
+
+    def library(self, body: bytes) -> dict[bytes, Any]:
+        """Run a function library's code (what follows its first line): the functions it
+        registers, by name; its errors raise as Redis words them."""
+        functions, error = self._load_library(body)
+        if functions is None:
+            raise SimpleError("ERR " + error.decode("utf-8", "replace"))
+        return dict(functions.items())
+
+    def call_function(
+        self, socket: Any, name: bytes, callback: Any, numkeys: int, args: tuple[bytes, ...]
+    ) -> Any:
+        """Run a library's function on ``socket``'s behalf (as :meth:`run` runs a script)."""
+        self._socket = socket
+        try:
+            ok, reply = self._call_function(callback, name, numkeys, *args)
         finally:
             self._socket = None
         if not ok:
@@ -541,6 +633,36 @@ def _scripts(socket: Any) -> LuaScripts:
     return scripts
 
 
+class _Functions(FunctionsEngine):
+    """fakeredis's function libraries (LOAD, LIST, DELETE, FLUSH, DUMP, RESTORE), their code
+    run by the server's :class:`LuaScripts`: a library's code runs once and its functions
+    keep their library's state between calls, as in Redis."""
+
+    def __init__(self, server: Any, scripts: LuaScripts) -> None:
+        # (fakeredis's own Lua runtime for functions is never used: not made)
+        self._scripts = scripts
+        self._server_type = server.server_type
+        self._version = server.version
+        self.libraries: dict[bytes, FunctionLibrary] = {}
+
+    def _create_library(self, name: bytes, code: bytes, body: bytes) -> FunctionLibrary:
+        functions = {
+            fname: LuaFunction(name=fname, callback=callback, description=None, flags=[])
+            for fname, callback in self._scripts.library(body).items()
+        }
+        if not functions:
+            raise SimpleError(msgs.FUNCTION_NO_FUNCTIONS_MSG)
+        return FunctionLibrary(name=name, code=code, functions=functions)
+
+
+def _functions(socket: Any) -> _Functions:
+    server = socket._server
+    engine = getattr(server, "_lua_functions", None)
+    if not isinstance(engine, _Functions):
+        engine = server._lua_functions = _Functions(server, _scripts(socket))
+    return engine
+
+
 class _Scripting:
     """EVAL, EVALSHA and SCRIPT LOAD/FLUSH through :class:`LuaScripts`. The methods keep
     fakeredis's names, so fakeredis's command table (arity, flags) dispatches to them."""
@@ -572,6 +694,39 @@ class _Scripting:
         caller_fieldsets, self._fieldsets = self._fieldsets, {}
         try:
             return _scripts(self).run(self, sha, script, numkeys, args)
+        finally:
+            self._script_resp = None
+            self._fieldsets = caller_fieldsets
+
+    def _functions(self) -> _Functions:
+        return _functions(self)
+
+    def fcall(self, function_name: bytes, numkeys: bytes | int, *keys_and_args: bytes) -> Any:
+        return self._fcall_embedded(function_name, numkeys, keys_and_args, read_only=False)
+
+    def fcall_ro(self, function_name: bytes, numkeys: bytes | int, *keys_and_args: bytes) -> Any:
+        return self._fcall_embedded(function_name, numkeys, keys_and_args, read_only=True)
+
+    def _fcall_embedded(
+        self, name: bytes, numkeys_arg: bytes | int, args: tuple[bytes, ...], read_only: bool
+    ) -> Any:
+        function = _functions(self).find(name)
+        if function is None:
+            raise SimpleError(msgs.FUNCTION_NOT_FOUND_MSG)
+        if isinstance(numkeys_arg, int):  # (sent by the direct path)
+            numkeys = numkeys_arg
+        else:
+            numkeys = Int.decode(numkeys_arg, decode_error=msgs.FUNCTION_BAD_NUMKEYS_MSG)
+        if numkeys > len(args):
+            raise SimpleError(msgs.TOO_MANY_KEYS_MSG)
+        if numkeys < 0:
+            raise SimpleError(msgs.NEGATIVE_KEYS_MSG)
+        if read_only:  # a library registers no function with the no-writes flag here
+            raise SimpleError(msgs.FUNCTION_WRITE_FLAG_RO_MSG)
+        self._script_resp = 2
+        caller_fieldsets, self._fieldsets = self._fieldsets, {}
+        try:
+            return _scripts(self).call_function(self, name, function.callback, numkeys, args)
         finally:
             self._script_resp = None
             self._fieldsets = caller_fieldsets
@@ -630,7 +785,7 @@ class _AsyncConnection(FakeAsyncRedisConnection):
 
 # Commands run straight on the server, without the protocol round trip through a fake
 # connection (encoding, parsing, a reply queue): what keypool's hot path sends.
-_DIRECT = frozenset({"EVALSHA", "EVAL", "evalsha", "eval"})
+_DIRECT = frozenset({"EVALSHA", "EVAL", "FCALL", "evalsha", "eval", "fcall"})
 
 
 class _Direct:
@@ -658,7 +813,7 @@ class _Direct:
             for a in args[1:]
         ]
         name = str(args[0]).lower()
-        run = socket.eval if name == "eval" else socket.evalsha
+        run = socket.eval if name == "eval" else socket.fcall if name == "fcall" else socket.evalsha
         with server.lock:
             try:
                 if len(fields) < 2:

@@ -50,7 +50,8 @@ class KeyPool(PoolCore):
         # the hot path's connections, one per thread: not on a Cluster (its client routes
         # each call), nor on the embedded store
         self._lanes: Lanes | None = None
-        if isinstance(self._client, redis.Redis) and not is_embedded(self._client):
+        self._embedded = is_embedded(self._client)
+        if isinstance(self._client, redis.Redis) and not self._embedded:
             self._lanes = Lanes(self._client.connection_pool, self._log_late)
 
     # ------------------------------------------------------------------ running flows
@@ -60,6 +61,8 @@ class KeyPool(PoolCore):
         if type(op) is Run:
             script, keys, args = self._script_call(op.provider, op.call)
             if self._lanes is None:
+                if self._embedded:  # its scripts run as a function library: state kept
+                    return script.fcall(client, keys, args)
                 return script(client, keys, args)
             lane = self._lanes.current()
             if op.confirm:

@@ -193,6 +193,37 @@ class Script:
             lambda: client.script_load(self.source),
         )
 
+    def fcall(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run the script as a function of the library (loaded first if the server lacks
+        it); for a client known to have functions (the embedded store)."""
+        return with_reload(
+            lambda: client.fcall(self.function, len(keys), *keys, *args),
+            lambda: _function_load(client),
+            functions=True,
+        )
+
+    async def fcall_async(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        """:meth:`fcall` on an asyncio client."""
+
+        async def load() -> None:
+            try:
+                await client.function_load(library_source())
+            except ResponseError as exc:
+                if "already exists" not in str(exc):
+                    raise
+
+        return await with_reload_async(
+            lambda: client.fcall(self.function, len(keys), *keys, *args), load, functions=True
+        )
+
+
+def _function_load(client: Any) -> None:
+    try:
+        client.function_load(library_source())
+    except ResponseError as exc:  # another thread loaded it meanwhile
+        if "already exists" not in str(exc):
+            raise
+
 
 Call = tuple["Script", list[str], list[Any]]
 

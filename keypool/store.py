@@ -258,9 +258,11 @@ def open_store_async(url: str, *, socket_timeout: float, connect_timeout: float)
     if spec.kind == "memory":
         from .embedded import async_client
 
-        return async_client(
+        made = async_client(
             _memory_server(spec.name), decode_responses=True, max_connections=1_000_000
         )
+        _embedded.add(made)
+        return made
     import redis.asyncio as aredis
     from redis.asyncio.retry import Retry as AsyncRetry
 
