@@ -77,6 +77,8 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
     noop_sha = raw.script_load("return 1")
     pool = make_pool(url, ns, 10, "openai")
     km = EnhancedAPIKeyManager(pool=pool)
+    # the embedded default store (memory://), same keys and budgets, in this process
+    embedded = make_pool(f"memory://{ns}", ns, 10, "openai")
     sizes = {
         10: pool,
         1000: make_pool(url, ns, 1000, "p1k"),
@@ -134,6 +136,7 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         raw.ping()
         raw.evalsha(noop_sha, 0)
         pool.acquire("openai", tokens=10).success(tokens=10)
+        embedded.acquire("openai", tokens=10).success(tokens=10)
         for size, p in sizes.items():
             p.acquire(providers[size]).success()
         for size, p in routed.items():
@@ -168,6 +171,13 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
         steps.append(
             lambda: loop.run_until_complete(
                 atimed(async_cycle, batch, add("acquire+success, asyncio"))
+            )
+        )
+        steps.append(
+            lambda: timed(
+                lambda: embedded.acquire("openai", tokens=10).success(tokens=12),
+                batch,
+                add("acquire+success, memory://"),
             )
         )
         steps.append(lambda: timed(lambda: km.get_next_key("openai"), batch, add("get_next_key")))
@@ -207,6 +217,7 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
     }
     loop.run_until_complete(apool.close())
     loop.close()
+    embedded.close()
     raw.close()
     return results
 
@@ -216,45 +227,55 @@ def latency_suite(url: str, ns: str, rounds: int, batch: int) -> dict[str, dict[
 
 def inside_redis(url: str, ns: str, batches: int = 20, batch: int = 100) -> dict[str, float]:
     """Server time per call, from ``INFO commandstats`` deltas (nothing is reset): the part
-    of a decision spent running its script, apart from the round trip."""
+    of a decision spent running its script, apart from the round trip. At 10 and at 10,000
+    keys (every acquire of the larger pool serves a key not served for 10,000 calls)."""
     raw = redis.Redis.from_url(url)
     noop = raw.script_load("return 1")
-    pool = make_pool(url, ns, 10, "inside")
-    for _ in range(20):
-        pool.acquire("inside", tokens=10).success(tokens=12)
-    lane = pool._lanes.current() if pool._lanes is not None else None
+    pools = {10: make_pool(url, ns, 10, "inside"), 10000: make_pool(url, ns, 10000, "inside10k")}
+    provider = {10: "inside", 10000: "inside10k"}
+    for size, pool in pools.items():
+        for _ in range(20 if size == 10 else 10000):  # every key served once
+            pool.acquire(provider[size], tokens=10).success(tokens=12)
+    lane = pools[10]._lanes.current() if pools[10]._lanes is not None else None
     verb = "fcall" if lane is not None and lane.uses_functions else "evalsha"
 
     def stat(command: str) -> tuple[int, int]:
         row = raw.info("commandstats").get(f"cmdstat_{command}", {})
         return int(row.get("usec", 0)), int(row.get("calls", 0))
 
-    spent: dict[str, list[int]] = {"no-op EVALSHA": [0, 0], "acquire": [0, 0], "report": [0, 0]}
+    spent: dict[str, list[int]] = {"no-op EVALSHA": [0, 0]}
 
     def measure(name: str, command: str, fn: Callable[[], None]) -> None:
         usec, calls = stat(command)
         fn()
         usec2, calls2 = stat(command)
-        spent[name][0] += usec2 - usec
-        spent[name][1] += calls2 - calls
+        row = spent.setdefault(name, [0, 0])
+        row[0] += usec2 - usec
+        row[1] += calls2 - calls
 
     leases: list[Any] = []
 
-    def acquire() -> None:
-        leases.extend(pool.acquire("inside", tokens=10) for _ in range(batch))
+    def acquire(pool: KeyPool, prov: str) -> None:
+        leases.extend(pool.acquire(prov, tokens=10) for _ in range(batch))
 
-    def report() -> None:
+    def report(pool: KeyPool) -> None:
         while leases:
             leases.pop().success(tokens=12)
         pool.providers()  # reads the reports' replies (not a script call)
 
     for _ in range(batches):
         measure("no-op EVALSHA", "evalsha", lambda: [raw.evalsha(noop, 0) for _ in range(batch)])
-        measure("acquire", verb, acquire)
-        measure("report", verb, report)
-    pool.close()
+        for size, pool in pools.items():
+            measure(f"acquire, {size:,} keys", verb, lambda p=pool, s=size: acquire(p, provider[s]))
+            measure(f"report, {size:,} keys", verb, lambda p=pool: report(p))
+    for pool in pools.values():
+        pool.close()
     raw.close()
     out = {name: usec / max(1, calls) for name, (usec, calls) in spent.items()}
+    for size in pools:
+        out[f"acquire+report cycle, {size:,} keys"] = (
+            out[f"acquire, {size:,} keys"] + out[f"report, {size:,} keys"]
+        )
     out["calls_by"] = 1.0 if verb == "fcall" else 0.0
     return out
 
@@ -442,6 +463,13 @@ def main(argv: list[str] | None = None) -> int:
         ["call", "µs in Redis per call"],
         [[name, f"{usec:.1f}"] for name, usec in inside.items()],
     )
+    cycle_us = max(inside[f"acquire+report cycle, {n:,} keys"] for n in (10, 10000))
+    print(f"one Redis shard's ceiling: about {1e6 / cycle_us:,.0f} acquire+report cycles/s")
+    memory_p50 = lat["acquire+success, memory://"]["p50_us"]
+    print(
+        f"memory:// acquire+success p50: {memory_p50:.1f} µs "
+        f"({memory_p50 / lat['acquire+success']['p50_us']:.2f} x the same on Redis)"
+    )
     if tput:
         table(
             ["processes", "no-op EVALSHA pairs/s", "acquire+success/s", "ratio"],
@@ -497,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         "asyncio acquire+success p50 <= 1.25 x sync": async_p50 <= 1.25 * sync_p50,
         "asyncio 100 tasks >= 0.8 x redis.asyncio no-op pairs": atput["keypool"]
         >= 0.8 * atput["evalsha"],
+        "server time per acquire+report cycle <= 30 µs (10 and 10,000 keys)": cycle_us <= 30.0,
+        "memory:// acquire+success p50 <= 250 µs": memory_p50 <= 250.0,
         "import 10,000 keys <= 2 s": mem["import_10k_s"] <= 2.0,
         "memory per key <= 2 KiB": mem["bytes_per_key"] <= 2048,
     }
