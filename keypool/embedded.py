@@ -20,13 +20,19 @@ words them).
 Everything else — data, commands, pipelines, transactions, the asyncio client — is
 fakeredis's own: the clients made here are ``fakeredis.FakeRedis`` and
 ``fakeredis.FakeAsyncRedis`` whose connections are :class:`EmbeddedSocket`, except that
-EVAL/EVALSHA sent by the client itself (the hot path) skip the fake connection's protocol
+EVAL/EVALSHA/FCALL sent by the client itself (the hot path) skip the fake connection's protocol
 encoding and parsing. A command, a script included, runs under the server's lock, so
 scripts run one at a time whichever thread or event loop sends them.
 
+Function libraries (FUNCTION LOAD, FCALL) run in the same runtime, as Redis 7 runs them: a
+library's code runs once, when loaded, with only ``redis.register_function``, ``redis.log``
+and the version at hand, and its functions keep the library's top-level state between calls
+— which is what lets keypool's library keep key states between decisions here as on Redis.
+FUNCTION LIST, DELETE, FLUSH, DUMP and RESTORE are fakeredis's own.
+
 Limits: scripts speak RESP2 only (``redis.setresp(3)`` is refused); ``struct`` lacks
-alignment and zero-terminated strings; there is no ``bit`` or ``cmsgpack``; Redis functions
-(FUNCTION LOAD, FCALL) are fakeredis's own, compiled once but without the faster path.
+alignment and zero-terminated strings; there is no ``bit`` or ``cmsgpack``; a function's
+flags are not kept (``FCALL_RO`` refuses every function).
 """
 
 from __future__ import annotations
@@ -192,11 +198,12 @@ local function handler(err)
   return err
 end
 
-local function failure(reply, where)
+-- An uncaught error as Redis words it: "<message> script: <sha or function>, on <where>."
+local function failure(reply, what)
   local msg = reply.err
   if type(msg) ~= 'string' then msg = 'ERR ' .. tostring(msg) end
   if reply.line then
-    msg = msg .. ' ' .. where .. ', on ' .. reply.source .. ':' .. reply.line .. '.'
+    msg = msg .. ' script: ' .. what .. ', on ' .. reply.source .. ':' .. reply.line .. '.'
   end
   return msg
 end
@@ -239,7 +246,11 @@ local function load_library(source)
   local ok, reply = xpcall(f, handler)
   local functions = registering
   registering, library_meta.__index = nil, globals
-  if not ok then return nil, 'Error registering functions: ' .. failure(reply, 'script') end
+  if not ok then
+    local msg = reply.err
+    if type(msg) ~= 'string' then msg = 'ERR ' .. tostring(msg) end
+    return nil, 'Error registering functions: ' .. msg
+  end
   return functions, nil
 end
 
@@ -250,7 +261,7 @@ local function call_function(f, name, numkeys, ...)
   for i = numkeys + 1, n do argv[i - numkeys] = args[i] end
   local ok, reply = xpcall(function() return f(keys, argv) end, handler)
   if ok then return true, reply end
-  return false, failure(reply, 'script: ' .. name)
+  return false, failure(reply, name)
 end
 
 local function run(f, sha, numkeys, ...)
@@ -262,7 +273,7 @@ local function run(f, sha, numkeys, ...)
   rawset(env, 'ARGV', argv)
   local ok, reply = xpcall(f, handler)
   if ok then return true, reply end
-  return false, failure(reply, 'script: ' .. sha)
+  return false, failure(reply, sha)
 end
 
 return compile, run, null, load_library, call_function
@@ -850,7 +861,7 @@ def _decoded(encoder: Any, value: Any) -> Any:
 
 class EmbeddedRedis(fakeredis.FakeRedis):
     """``fakeredis.FakeRedis`` on an embedded server: scripts run through
-    :class:`LuaScripts`, and EVAL/EVALSHA sent by this client (not by its pipelines) skip
+    :class:`LuaScripts`, and EVAL/EVALSHA/FCALL sent by this client (not by its pipelines) skip
     the fake connection."""
 
     def __init__(self, *args: Any, server: fakeredis.FakeServer, **kwargs: Any) -> None:

@@ -8,6 +8,7 @@ are sent to it (Redis 7.0 crashes on ``error({})`` without an ``err`` field).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from keypool import KeyPool, embedded
+from keypool import KeyPool, embedded, scripts
 from tests.conftest import REDIS_URL, require_redis
 
 # (script, numkeys and arguments, reply) — the same on the embedded store and on Redis
@@ -310,3 +311,89 @@ def test_keypool_memory_store_is_embedded() -> None:
     for _ in range(5):
         pool.acquire("openai").success()
     pool.close()
+
+
+# ---------------------------------------------------------------------- function libraries
+
+LIBRARY = """#!lua name=kptest_fn
+local n = 0
+redis.register_function('kptest_count', function(keys, args) n = n + 1 return n end)
+redis.register_function('kptest_fail', function(keys, args)
+  error('boom')
+end)
+redis.register_function('kptest_echo', function(keys, args)
+  return {keys[1], args[1], #keys, #args, redis.call('PING')}
+end)
+"""
+
+# (library code, the error's text) — the same on the embedded store and on Redis 7
+LIBRARY_ERRORS: list[tuple[str, str]] = [
+    (  # at load, a library sees redis.register_function, redis.log and the version only
+        "#!lua name=kptest_bad\nlocal f = string.format\n"
+        "redis.register_function('kptest_x', function() return 1 end)\n",
+        "Error registering functions: ERR user_function:2: Script attempted to access "
+        "nonexistent global variable 'string'",
+    ),
+    (
+        "#!lua name=kptest_bad\nredis.register_function('kptest_x', function() return 1 end\n",
+        "Error compiling function: user_function:3: ')' expected (to close '(' at line 2) "
+        "near '<eof>'",
+    ),
+]
+
+
+@pytest.fixture
+def library_client(any_client: Any) -> Iterator[Any]:
+    any_client.function_load(LIBRARY, replace=True)
+    yield any_client
+    with contextlib.suppress(redis.ResponseError):
+        any_client.function_delete("kptest_fn")
+
+
+def test_a_function_library_keeps_its_state_between_calls(library_client: Any) -> None:
+    """A library's code runs once, when loaded: its top-level locals live on (what keeps
+    keypool's key states between calls), unlike a script's."""
+    assert [library_client.fcall("kptest_count", 0) for _ in range(3)] == [1, 2, 3]
+    assert library_client.fcall("kptest_echo", 1, "k", "a", "b") == ["k", "a", 1, 2, "PONG"]
+    library_client.function_load(LIBRARY, replace=True)  # loaded again: state anew
+    assert library_client.fcall("kptest_count", 0) == 1
+
+
+def test_function_errors_read_as_in_redis(library_client: Any) -> None:
+    with pytest.raises(redis.ResponseError) as caught:
+        library_client.fcall("kptest_fail", 0)
+    assert str(caught.value) == "user_function:5: boom script: kptest_fail, on @user_function:5."
+    with pytest.raises(redis.ResponseError, match=r"^Library 'kptest_fn' already exists$"):
+        library_client.function_load(LIBRARY)
+    with pytest.raises(redis.ResponseError, match=r"^Function not found$"):
+        library_client.fcall("kptest_nosuch", 0)
+
+
+@pytest.mark.parametrize(("code", "text"), LIBRARY_ERRORS)
+def test_library_load_errors_read_as_in_redis(any_client: Any, code: str, text: str) -> None:
+    with pytest.raises(redis.ResponseError) as caught:
+        any_client.function_load(code, replace=True)
+    assert str(caught.value) == text
+    with pytest.raises(redis.ResponseError, match=r"^Function not found$"):
+        any_client.fcall("kptest_x", 0)  # nothing of a library that failed is kept
+
+
+def test_memory_pool_runs_the_function_library_and_reloads_it() -> None:
+    pool = KeyPool("memory://test-embedded-functions")
+    try:
+        pool.add_key("openai", "a", "sk-test-aaaaaaaaaaaaaaaa")
+        pool.add_key("openai", "b", "sk-test-bbbbbbbbbbbbbbbb")
+        for _ in range(4):
+            pool.acquire("openai").success()
+        listed = pool._client.function_list()  # RESP2: each library as name/value pairs
+        names = {dict(zip(lib[0::2], lib[1::2], strict=True))["library_name"] for lib in listed}
+        assert scripts.library_name() in names
+        pool._client.function_flush()  # the code is gone: the next call loads it again
+        for _ in range(4):
+            pool.acquire("openai").success()
+        stats = pool.snapshot("openai")
+        assert sum(s.total_requests for s in stats) == 8
+        assert sum(s.success_count for s in stats) == 8
+        assert sum(s.in_flight for s in stats) == 0
+    finally:
+        pool.close()

@@ -17,6 +17,7 @@ from keypool import KeyPool, KeyPoolSettings, scripts
 from keypool.lane import Lane
 from tests import mp_workers
 from tests.cluster import Server, start_redis
+from tests.faultproxy import FaultProxy, containing, script_calls
 
 pytestmark = [pytest.mark.redis]
 
@@ -243,3 +244,45 @@ def test_short_lived_threads_do_not_use_up_a_small_connection_pool(
             thread.join()
         assert not errors
         assert totals(pool) == (20, 20, 0)
+
+
+def test_an_acquire_sent_behind_an_unread_report_finds_it_applied(
+    server: Server, namespace: str
+) -> None:
+    """A report is sent without waiting, and the next acquire goes right behind it on the
+    same connection (one round trip for both): the server runs them in that order, so a
+    key that allows one lease at a time is free again every time."""
+    with KeyPool(
+        settings=KeyPoolSettings(redis_url=server.url, namespace=namespace, lease_ttl=60)
+    ) as pool:
+        pool.add_key(PROVIDER, "solo", mp_workers.secret_for("solo"), max_concurrency=1)
+        for _ in range(50):
+            pool.acquire(PROVIDER, wait=0).success()
+        stats = pool.stats(PROVIDER, "solo")
+        assert (stats.total_requests, stats.success_count, stats.in_flight) == (50, 50, 0)
+
+
+@pytest.mark.parametrize("dropped", ["report", "acquire"])
+def test_a_connection_lost_with_a_report_and_an_acquire_in_flight(
+    server: Server, namespace: str, dropped: str
+) -> None:
+    """The connection drops after the server ran the report (its reply lost, the acquire
+    behind it never sent on) or after it ran both (the acquire's reply lost): both calls go
+    again on a fresh connection and each takes effect once."""
+    with FaultProxy(server.port) as proxy:
+        pool = KeyPool(
+            settings=KeyPoolSettings(redis_url=proxy.url, namespace=namespace, lease_ttl=60)
+        )
+        with pool:
+            pool.add_key(PROVIDER, "solo", mp_workers.secret_for("solo"), max_concurrency=1)
+            pool.acquire(PROVIDER).success()  # the lane's connection is open and proven
+            lease = pool.acquire(PROVIDER)
+            proxy.arm(containing(b"success") if dropped == "report" else script_calls)
+            if dropped == "acquire":
+                proxy.arm(script_calls, skip=1)  # the report goes through; the acquire not
+            lease.success()
+            again = pool.acquire(PROVIDER, wait=0)
+            assert proxy.dropped_count == 1
+            again.success()
+            stats = pool.stats(PROVIDER, "solo")
+            assert (stats.total_requests, stats.success_count, stats.in_flight) == (3, 3, 0)
