@@ -105,6 +105,7 @@ elseif action == 'remove' then
   for i = 1, #scopes do
     if string.sub(scopes[i], 1, #mine_prefix) == mine_prefix then
       redis.call('DEL', PREFIX .. 's:' .. scopes[i])
+      forget_kept(PREFIX .. 's:' .. scopes[i])
       redis.call('SREM', PREFIX .. 'scopes', scopes[i])
     end
   end

@@ -200,17 +200,30 @@ local SCOPE_CACHE = nil   -- scope suffix -> state table, or false when absent (
                          -- made on first use)
 
 -- A limit scope's state ("a:<account>", "am:<account>:<model>", "km:<key_id>:<model>"),
--- or false when it does not exist.
+-- or false when it does not exist. Kept between calls as key states are (by `v`).
 local function load_scope(name)
   if not SCOPE_CACHE then SCOPE_CACHE = {} end
   local cached = SCOPE_CACHE[name]
   if cached ~= nil then return cached end
-  local raw = redis.call('HGETALL', PREFIX .. 's:' .. name)
+  local key = PREFIX .. 's:' .. name
+  local kept = not KEEP_OFF and KEPT[key]
+  if kept then
+    if kept.ep == EPOCH and kept.v == redis.call('HGET', key, 'v') then
+      SCOPE_CACHE[name] = kept
+      return kept
+    end
+    forget_kept(key)
+  end
+  local raw = redis.call('HGETALL', key)
   local h = false
   if #raw > 0 then
     h = setmetatable({ name = name }, STATE_MT)
     for i = 1, #raw, 2 do
       if NUMBERS[raw[i]] then h[raw[i]] = raw[i + 1] + 0 else h[raw[i]] = raw[i + 1] end
+    end
+    if rawget(h, 'v') and EPOCH and not KEEP_OFF then
+      h.ep = EPOCH
+      keep(key, h)
     end
   end
   SCOPE_CACHE[name] = h
@@ -218,9 +231,19 @@ local function load_scope(name)
 end
 
 local function scope_flush(h, w)
-  if #w > 0 then
-    redis.call('HSET', PREFIX .. 's:' .. h.name, unpack(w))
+  if #w == 0 then return end
+  local key = PREFIX .. 's:' .. h.name
+  w[#w + 1] = 'v'
+  w[#w + 1] = STAMP
+  redis.call('HSET', key, unpack(w))
+  if h.new then   -- listed once, when made
     redis.call('SADD', PREFIX .. 'scopes', h.name)
+    h.new = nil
+  end
+  h.v = STAMP
+  if EPOCH and not KEEP_OFF then
+    h.ep = EPOCH
+    keep(key, h)
   end
 end
 
@@ -228,7 +251,7 @@ end
 local function scope_or_new(name)
   local h = load_scope(name)
   if h then return h end
-  h = setmetatable({ name = name }, STATE_MT)
+  h = setmetatable({ name = name, new = true }, STATE_MT)
   SCOPE_CACHE[name] = h   -- (made by load_scope above)
   return h
 end
@@ -245,6 +268,7 @@ end
 
 local function forget_scope(name)
   redis.call('DEL', PREFIX .. 's:' .. name)
+  forget_kept(PREFIX .. 's:' .. name)
   redis.call('SREM', PREFIX .. 'scopes', name)
   redis.call('ZREM', PREFIX .. 'sw', name)
   if SCOPE_CACHE then SCOPE_CACHE[name] = false end

@@ -70,6 +70,30 @@ def test_a_budget_spent_through_evalsha_is_seen_by_the_function_library(
         assert by_function.stats(PROVIDER, "only").total_requests == 5
 
 
+def test_an_account_budget_spent_through_evalsha_is_seen_by_the_function_library(
+    server: Server, namespace: str
+) -> None:
+    """Limit scopes are kept like keys: an account's rpm spent by both kinds of caller."""
+    with server.client() as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall", "-function"
+        )
+    with (
+        pool_at(server.url, namespace) as by_function,
+        pool_at(f"redis://nofcall:pw@127.0.0.1:{server.port}/0", namespace) as by_script,
+    ):
+        for pool in (by_function, by_script):
+            pool.add_key(PROVIDER, "a", SECRET, account="team")
+            pool.add_key(PROVIDER, "b", SECRET.replace("kept", "kep2"), account="team")
+        by_function.set_limits(PROVIDER, account="team", rpm=6)
+        assert admitted(by_function, 3) == 3  # the account's state is kept now
+        assert admitted(by_script, 2) == 2
+        assert admitted(by_function, 3) == 1
+        assert admitted(by_script, 1) == 0
+        (scope,) = by_function.scopes(PROVIDER)
+        assert scope.limits == {"rpm": 6} and scope.left == {"rpm": 0}
+
+
 def test_a_hash_edited_by_hand_is_read_again_once_its_v_is_gone(
     server: Server, namespace: str
 ) -> None:
