@@ -54,9 +54,11 @@ from fakeredis import _msgs as msgs
 from fakeredis._clients._async import FakeAsyncRedisConnection, FakeReader, FakeWriter
 from fakeredis._clients._sync import FakeRedisConnection
 from fakeredis._command_args_parsing import Float, Int
-from fakeredis._commands import COMMANDS_WITH_SUB
+from fakeredis._commands import COMMANDS_WITH_SUB, Key
+from fakeredis._core import CommandItem
 from fakeredis._helpers import SimpleError, SimpleString
 from fakeredis._socket import AsyncFakeSocket, FakeSocket
+from fakeredis._socket._resp import convert_to_resp2
 from fakeredis.commands_mixins._lua_functions import (
     FunctionLibrary,
     FunctionsEngine,
@@ -353,6 +355,18 @@ def _struct_layout(fmt: bytes) -> _Layout:
     return _Layout(struct.Struct(order + "".join(out)), tuple(integers))
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How a command's arguments are read, for one count of arguments."""
+
+    decoders: tuple[tuple[int, Any], ...]  # (position, decode) of the typed non-key args
+    keys: tuple[tuple[int, Key], ...]  # (position, Key) of the key args
+    create: bool  # a missing key of a known type starts empty
+    convert: bool  # the reply goes through convert_to_resp2
+    remove_empty: bool  # writeback removes a key left empty
+    event: bytes  # the keyspace notification's event name
+
+
 class LuaScripts:
     """One server's Lua runtime and its compiled scripts. Used only under the server's
     lock (every command runs under it), which is what makes a script atomic."""
@@ -365,6 +379,7 @@ class LuaScripts:
         self._compiled: dict[bytes, Any] = {}
         self._socket: Any = None  # the connection whose script is running
         self._commands: dict[bytes, Any] = {}  # a command as a script names it -> its signature
+        self._plans: dict[tuple[Any, int], _Plan] = {}
         version = ".".join(str(v) for v in (*server.version, 0, 0)[:3])
         major, minor, patch = (int(v) for v in version.split("."))
         (
@@ -502,10 +517,78 @@ class LuaScripts:
                 return None, _WRONG_ARITY
             if not container and len(self._commands) < 1024:
                 self._commands[op] = sig
-        result = socket._run_command(func, sig, parts, True)
+        result = self._run_command(socket, func, sig, parts)
         if type(result) is bytes or type(result) is int:
             return result
         return self._to_lua(result, top=True)
+
+    def _run_command(self, socket: Any, func: Any, sig: Any, parts: list[bytes]) -> Any:
+        """fakeredis's ``_run_command`` for a script's call on a Redis-type server, with its
+        arguments' types worked out once per command and count of arguments."""
+        if socket.server_type != "redis":  # pragma: no cover - the embedded store is Redis
+            return socket._run_command(func, sig, parts, True)
+        plan = self._plans.get((sig, len(parts)))
+        if plan is None:
+            try:
+                plan = self._plan(sig, len(parts), socket.version)
+            except SimpleError as exc:
+                return exc
+        socket._subkey_events = []
+        items: list[CommandItem] = []
+        try:
+            db = socket._db
+            args: list[Any] = parts
+            for i, decode in plan.decoders:
+                args[i] = decode(args[i])
+            for i, key in plan.keys:
+                if key.missing_return is not Key.UNSPECIFIED and args[i] not in db:
+                    return key.missing_return
+            for i, key in plan.keys:
+                item = db.get(args[i])
+                if key.type_ is not None and item is not None and type(item.value) is not key.type_:
+                    raise SimpleError(msgs.WRONGTYPE_MSG)
+                default = None
+                if (
+                    plan.create
+                    and key.type_ is not None
+                    and item is None
+                    and key.type_ is not bytes
+                ):
+                    default = key.type_()
+                args[i] = CommandItem(args[i], db, item, default=default)
+                items.append(args[i])
+            result = func(*args)
+            if plan.convert:
+                result = convert_to_resp2(result, socket.server_type)
+        except SimpleError as exc:
+            result = exc
+        for item in items:
+            item.writeback(remove_empty_val=plan.remove_empty)
+        socket._keyspace_notifications(items, plan.event)
+        socket._subkey_notifications(items)
+        return result
+
+    def _plan(self, sig: Any, count: int, version: Any) -> _Plan:
+        sig.check_arity([None] * count, version)  # raises as fakeredis would
+        if msgs.FLAG_NO_SCRIPT in sig.flags:
+            raise SimpleError(msgs.COMMAND_IN_SCRIPT_MSG)
+        types = [*sig.fixed]
+        types.extend(sig.repeat[i % len(sig.repeat)] for i in range(count - len(types)))
+        plan = _Plan(
+            decoders=tuple(
+                (i, t.decode)
+                for i, t in enumerate(types)
+                if not isinstance(t, Key) and t is not bytes
+            ),
+            keys=tuple((i, t) for i, t in enumerate(types) if isinstance(t, Key)),
+            create=msgs.FLAG_DO_NOT_CREATE not in sig.flags,
+            convert=msgs.FLAG_SKIP_CONVERT_TO_RESP2 not in sig.flags,
+            remove_empty=msgs.FLAG_LEAVE_EMPTY_VAL not in sig.flags,
+            event=sig.name.encode(),
+        )
+        if len(self._plans) < 1024:
+            self._plans[(sig, count)] = plan
+        return plan
 
     def _to_lua(self, value: Any, top: bool = False) -> Any:
         if type(value) is bytes or type(value) is int:

@@ -36,6 +36,9 @@ REPLIES: list[tuple[str, tuple[Any, ...], Any]] = [
     ("return redis.status_reply('FINE')", (0,), "FINE"),
     ("return redis.call('GET', KEYS[1])", (1, "kp:emb:nokey"), None),
     ("return redis.call('PING')", (0,), "PONG"),
+    ("return redis.call('HGETALL', KEYS[1])", (1, "kp:emb:nokey"), []),
+    ("return {redis.call('ZSCORE', KEYS[1], 'm')}", (1, "kp:emb:nokey"), []),
+    ("return redis.call('ZADD', KEYS[1], 1.5, 'm')", (1, "kp:emb:nokey"), 1),
     ("return KEYS", (2, "a", "b", "c"), ["a", "b"]),
     ("return ARGV", (2, "a", "b", "c"), ["c"]),
     ("return #redis.call('TIME')", (0,), 2),
@@ -100,6 +103,11 @@ ERRORS: list[tuple[str, str]] = [
     (
         "redis.pcall('SET', KEYS[1], 'x') local v = redis.call('INCR', KEYS[1]) return v",
         "value is not an integer or out of range script: <sha>, on @user_script:1.",
+    ),
+    (
+        "redis.pcall('SET', KEYS[1], 'x') local v = redis.call('HGET', KEYS[1], 'f') return v",
+        "WRONGTYPE Operation against a key holding the wrong kind of value script: <sha>, "
+        "on @user_script:1.",
     ),
     (
         "return 1 +",
