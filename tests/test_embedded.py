@@ -37,7 +37,7 @@ REPLIES: list[tuple[str, tuple[Any, ...], Any]] = [
     ("return redis.call('GET', KEYS[1])", (1, "kp:emb:nokey"), None),
     ("return redis.call('PING')", (0,), "PONG"),
     ("return redis.call('HGETALL', KEYS[1])", (1, "kp:emb:nokey"), []),
-    ("return {redis.call('ZSCORE', KEYS[1], 'm')}", (1, "kp:emb:nokey"), []),
+    ("return {redis.call('ZSCORE', KEYS[1], 'm')}", (1, "kp:emb:nokey"), [None]),
     ("return redis.call('ZADD', KEYS[1], 1.5, 'm')", (1, "kp:emb:nokey"), 1),
     ("return KEYS", (2, "a", "b", "c"), ["a", "b"]),
     ("return ARGV", (2, "a", "b", "c"), ["c"]),
