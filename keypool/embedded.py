@@ -558,7 +558,7 @@ class LuaScripts:
                 args[i] = CommandItem(args[i], db, item, default=default)
                 items.append(args[i])
             result = func(*args)
-            if plan.convert:
+            if plan.convert and type(result) is not bytes and type(result) is not int:
                 result = convert_to_resp2(result, socket.server_type)
         except SimpleError as exc:
             result = exc
