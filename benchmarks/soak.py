@@ -490,6 +490,7 @@ class Sample:
     stale_churn: int  # churn keys still registered a full period after their removal
     used_memory: int
     used_memory_lua: int
+    used_memory_functions: int  # the function library's Lua (key states kept between calls)
     cached_scripts: int
     orphan_detail: list[str] = field(default_factory=list)
     mismatch_detail: list[str] = field(default_factory=list)
@@ -620,6 +621,7 @@ def take_sample(raw: redis.Redis, cfg: Config, t: float, ops: int, logs: int) ->
         stale_churn=stale,
         used_memory=int(info["used_memory"]),
         used_memory_lua=int(info.get("used_memory_lua", 0)),
+        used_memory_functions=int(info.get("used_memory_vm_functions", 0)),
         cached_scripts=int(info.get("number_of_cached_scripts", 0)),
         orphan_detail=orphans[:10],
         mismatch_detail=mismatches[:10],
@@ -771,6 +773,7 @@ def verdict(
         "used_memory_first": steady[0].used_memory,
         "used_memory_last": steady[-1].used_memory,
         "used_memory_lua_last": steady[-1].used_memory_lua,
+        "used_memory_functions_last": steady[-1].used_memory_functions,
     }
     return checks, summary
 
@@ -945,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
             "max HLEN",
             "used_memory MiB",
             "lua MiB",
+            "functions MiB",
         ],
         [
             [
@@ -972,6 +976,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(s.key_hlen_max),
                 f"{s.used_memory / 2**20:.2f}",
                 f"{s.used_memory_lua / 2**20:.2f}",
+                f"{s.used_memory_functions / 2**20:.2f}",
             ]
             for i, s in enumerate(samples)
         ],

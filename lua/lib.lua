@@ -172,11 +172,15 @@ local function load(id)
   return s
 end
 
+-- The limits whose change makes a state work out its budgets again (active_budgets).
+local LIMIT_NAMES = { rpm = true, tpm = true, rpd = true, tpd = true, itpm = true, otpm = true }
+
 -- Changes to write: set(s, w, name, value) updates s and queues the field; flush writes.
 -- (A state changed but not yet written is never taken as the hash's: `v` is cleared.)
 local function set(s, w, name, value)
   s[name] = value
   s.v = false
+  if LIMIT_NAMES[name] then s.budgets = nil end
   w[#w + 1] = name
   w[#w + 1] = value
 end
@@ -284,6 +288,19 @@ local BUDGETS = {
   { 'itpm', 't_itpm', MINUTE, 'inp' }, { 'otpm', 't_otpm', MINUTE, 'out' },
 }
 
+-- The budgets h has a limit for (worked out once per state, again when a limit changes).
+local function active_budgets(h)
+  local list = rawget(h, 'budgets')
+  if list == nil then
+    list = {}
+    for i = 1, #BUDGETS do
+      if h[BUDGETS[i][1]] > 0 then list[#list + 1] = BUDGETS[i] end
+    end
+    h.budgets = list
+  end
+  return list
+end
+
 -- When could a request costing n units be admitted? (0 = no limit; NEVER = it never can.)
 local function budget_at(limit, period, tat, n)
   if limit <= 0 then return 0 end
@@ -302,24 +319,22 @@ end
 -- budget is the last to; 0 when all admit it now.
 local function budgets_at(h, cost, now)
   local at, why = 0, ''
-  for i = 1, #BUDGETS do
-    local b = BUDGETS[i]
-    local limit = h[b[1]]
-    if limit > 0 then
-      local t = budget_at(limit, b[3], h[b[2]], cost[b[4]])
-      if t > now and t > at then at, why = t, b[1] end
-    end
+  local list = active_budgets(h)
+  for i = 1, #list do
+    local b = list[i]
+    local t = budget_at(h[b[1]], b[3], h[b[2]], cost[b[4]])
+    if t > now and t > at then at, why = t, b[1] end
   end
   return at, why
 end
 
 -- Charge `cost` to every budget of h (queued in w).
 local function budgets_charge(h, w, cost, now)
-  for i = 1, #BUDGETS do
-    local b = BUDGETS[i]
-    local limit = h[b[1]]
-    if limit > 0 and cost[b[4]] ~= 0 then
-      set(h, w, b[2], math.max(h[b[2]], now) + cost[b[4]] * (b[3] / limit))
+  local list = active_budgets(h)
+  for i = 1, #list do
+    local b = list[i]
+    if cost[b[4]] ~= 0 then
+      set(h, w, b[2], math.max(h[b[2]], now) + cost[b[4]] * (b[3] / h[b[1]]))
     end
   end
 end
@@ -327,11 +342,12 @@ end
 -- Settle a reservation: charge what was used beyond the estimate, give back what was not
 -- (never below now: unused units are not banked for later).
 local function budgets_settle(h, w, est, used, now)
-  for i = 1, #BUDGETS do
-    local b = BUDGETS[i]
+  local list = active_budgets(h)
+  for i = 1, #list do
+    local b = list[i]
     local limit = h[b[1]]
     local unit = b[4]
-    if limit > 0 and unit ~= 'req' and used[unit] and used[unit] ~= est[unit] then
+    if unit ~= 'req' and used[unit] and used[unit] ~= est[unit] then
       local tat = h[b[2]]
       local delta = (used[unit] - est[unit]) * (b[3] / limit)
       if delta > 0 then tat = math.max(tat, now) + delta else tat = math.max(now, tat + delta) end
