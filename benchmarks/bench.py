@@ -236,6 +236,17 @@ def inside_redis(url: str, ns: str, batches: int = 20, batch: int = 100) -> dict
     for size, pool in pools.items():
         for _ in range(20 if size == 10 else 10000):  # every key served once
             pool.acquire(provider[size], tokens=10).success(tokens=12)
+    # a model assigned to 10 or to 5,000 keys of a provider, routed by the model alone
+    routed = {10: make_pool(url, ns, 0, "inm10"), 5000: make_pool(url, ns, 0, "inm5k")}
+    for size, pool in routed.items():
+        prov = "inm10" if size == 10 else "inm5k"
+        pool.add_keys(
+            ((prov, f"k{i:05d}", f"bench-secret-{prov}-{i}") for i in range(size)),
+            models=[f"inside{size}"],
+            **BUDGETS,
+        )
+        for _ in range(max(20, size)):
+            pool.acquire(model=f"inside{size}", tokens=10).success(tokens=12)
     lane = pools[10]._lanes.current() if pools[10]._lanes is not None else None
     verb = "fcall" if lane is not None and lane.uses_functions else "evalsha"
 
@@ -258,6 +269,9 @@ def inside_redis(url: str, ns: str, batches: int = 20, batch: int = 100) -> dict
     def acquire(pool: KeyPool, prov: str) -> None:
         leases.extend(pool.acquire(prov, tokens=10) for _ in range(batch))
 
+    def acquire_model(pool: KeyPool, model: str) -> None:
+        leases.extend(pool.acquire(model=model, tokens=10) for _ in range(batch))
+
     def report(pool: KeyPool) -> None:
         while leases:
             leases.pop().success(tokens=12)
@@ -268,13 +282,24 @@ def inside_redis(url: str, ns: str, batches: int = 20, batch: int = 100) -> dict
         for size, pool in pools.items():
             measure(f"acquire, {size:,} keys", verb, lambda p=pool, s=size: acquire(p, provider[s]))
             measure(f"report, {size:,} keys", verb, lambda p=pool: report(p))
-    for pool in pools.values():
+        for size, pool in routed.items():
+            measure(
+                f"acquire, model of {size:,} keys",
+                verb,
+                lambda p=pool, s=size: acquire_model(p, f"inside{s}"),
+            )
+            measure(f"report, model of {size:,} keys", verb, lambda p=pool: report(p))
+    for pool in (*pools.values(), *routed.values()):
         pool.close()
     raw.close()
     out = {name: usec / max(1, calls) for name, (usec, calls) in spent.items()}
     for size in pools:
         out[f"acquire+report cycle, {size:,} keys"] = (
             out[f"acquire, {size:,} keys"] + out[f"report, {size:,} keys"]
+        )
+    for size in routed:
+        out[f"acquire+report cycle, model of {size:,} keys"] = (
+            out[f"acquire, model of {size:,} keys"] + out[f"report, model of {size:,} keys"]
         )
     out["calls_by"] = 1.0 if verb == "fcall" else 0.0
     return out
@@ -520,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
             "acquire+success, model of 5,000 keys"
         ]["p50_us"]
         <= 1.25 * lat["acquire+success, model of 10 keys"]["p50_us"],
+        "model of 5,000 keys <= 1.25 x model of 10 keys, inside Redis": inside[
+            "acquire+report cycle, model of 5,000 keys"
+        ]
+        <= 1.25 * inside["acquire+report cycle, model of 10 keys"],
         "4 scopes <= 1.3 x plain acquire+success": lat["acquire+success, 4 scopes"]["p50_us"]
         <= 1.3 * lat["acquire+success"]["p50_us"],
         "asyncio acquire+success p50 <= 1.25 x sync": async_p50 <= 1.25 * sync_p50,
