@@ -60,7 +60,7 @@ local function number_arg(text)
 end
 
 local NOW_US = 0
-local STAMP = ''   -- this call's time as text, "<seconds>.<microseconds>": see `v` below
+local STAMP = nil   -- this call's time as text, "<seconds>.<microseconds>": see `v` below
 local PAD_US = { '.00000', '.0000', '.000', '.00', '.0', '.' }
 local function now_ms()
   local t = redis.call('TIME')
@@ -695,6 +695,7 @@ local function begin(keys, args)
   end
   SCOPE_CACHE = nil
   KEEP_OFF = false
+  STAMP = nil   -- set by now_ms(): a write before it fails rather than reuse an older stamp
   if not DEFAULTS then
     DEFAULTS = { circ = '', loc = '', why = '', sealed = '', acct = '' }
     for name, default in pairs(NUMBERS) do DEFAULTS[name] = default end
