@@ -74,6 +74,7 @@ class Lane:
 
     __slots__ = (
         "__weakref__",
+        "_carried",
         "_conn",
         "_functions",
         "_heads",
@@ -90,6 +91,7 @@ class Lane:
         self._conn: Any = connection_pool.connection_class(**connection_pool.connection_kwargs)
         self._lock = threading.Lock()
         self._unread: list[_Sent] = []
+        self._carried: list[Late] = []  # late replies read by a call that then raised
         self._loaded: set[str] = set()  # code this connection has run (sent unread only then)
         self._functions = True  # FCALL until the server shows it has no functions for us
         self._heads: dict[tuple[str, bool, str, str, int], bytes] = {}
@@ -103,8 +105,8 @@ class Lane:
 
     @property
     def busy(self) -> bool:
-        """Whether replies are still to be read."""
-        return bool(self._unread)
+        """Whether replies are still to be read (or handed back)."""
+        return bool(self._unread or self._carried)
 
     def call(
         self, script: scripts.Script, keys: list[str], args: list[Any]
@@ -117,7 +119,11 @@ class Lane:
             if self._unread and len(self._unread) < MAX_UNREAD and self._may_leave_unread(script):
                 return self._call_behind_unread(script, keys, args)
             late = self._read_unread()
-            return self._round_trip(script, keys, args), late
+            try:
+                return self._round_trip(script, keys, args), late
+            except BaseException:
+                self._carried = late + self._carried  # handed back by the next read
+                raise
 
     def send(
         self, script: scripts.Script, keys: list[str], args: list[Any], tag: Any
@@ -168,17 +174,25 @@ class Lane:
         mine = _Sent(script, keys, args, _MINE)
         self._unread.append(mine)
         try:
-            self._write(script, keys, args)
-        except redis.ConnectionError:
-            self._conn.disconnect()  # every unread call goes again, this one among them
+            try:
+                self._write(script, keys, args)
+            except redis.ConnectionError:
+                self._conn.disconnect()  # every unread call goes again, this one among them
+            late = self._read_unread()  # (sent again after a refusal or a lost connection)
         except BaseException:
+            # Interrupted (a signal, a timeout): this call is abandoned — never sent again,
+            # its reply never read as another's. The connection goes; the reports still
+            # unread are sent again on a fresh one by the next call.
+            if mine in self._unread:
+                self._unread.remove(mine)
             self._conn.disconnect()
+            self._loaded.clear()
             raise
-        late = self._read_unread()  # (sent again after a refusal or a lost connection)
         for i in range(len(late) - 1, -1, -1):
             if late[i].tag is _MINE:
                 answer = late.pop(i)
                 if answer.error is not None:
+                    self._carried = late + self._carried  # handed back by the next read
                     raise answer.error
                 return answer.reply, late
         raise AssertionError("a call's reply went missing")  # pragma: no cover
@@ -200,8 +214,9 @@ class Lane:
 
     def _read_unread(self) -> list[Late]:
         """Read the unread replies in order. A call refused for want of the code is sent
-        again after a load; when the connection is lost, the rest are sent again."""
-        late: list[Late] = []
+        again after a load; when the connection is lost, the rest are sent again. Late
+        replies read by a call that then failed come first."""
+        late, self._carried = self._carried, []
         try:
             while self._unread:
                 sent = self._unread[0]

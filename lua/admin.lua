@@ -33,6 +33,9 @@ if not s then
 end
 local changed = 1
 local w = {}
+-- Whatever an action writes to the hash below (some write it directly), every kept state
+-- sees it: `v` changes now.
+redis.call('HSET', h, 'v', STAMP)
 
 -- The key's open lease ids (from the lease records).
 local function open_leases()

@@ -49,7 +49,8 @@ if not old_fp then
   redis.call('HSET', h, 'v', STAMP, 'inflight', 0, 'pass', 0, 'total', 0, 'last_used', 0,
     'ok', 0, 'last_ok', 0, 'tokens', 0)
 end
-redis.call('HSET', h, 'id', id, 'fp', fp)
+-- (`v` too: whatever this call writes to the hash below, every kept state sees it)
+redis.call('HSET', h, 'id', id, 'fp', fp, 'v', STAMP)
 if old_fp and old_fp ~= fp and redis.call('HGET', K_FPS, old_fp) == id then
   redis.call('HDEL', K_FPS, old_fp)
 end

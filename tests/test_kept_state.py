@@ -6,6 +6,7 @@ private ``redis-server``, so FLUSHALL is safe."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +121,62 @@ def test_nothing_kept_outlives_the_pool_state(server: Server, namespace: str) ->
             admin.flushall()
         assert admitted(pool, 3) == 2  # re-registered: a full budget, not the kept one
         assert pool.stats(PROVIDER, "only").total_requests == 2
+
+
+def test_a_model_unassigned_through_evalsha_is_not_served_again(
+    server: Server, namespace: str
+) -> None:
+    """An admin action writes the hash directly (the key's models): `v` changes with it, so
+    the function library, which kept the key with its models, does not put it back into the
+    model's rotation when the key comes back from a cooldown."""
+    with server.client() as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall", "-function"
+        )
+    with (
+        pool_at(server.url, namespace) as by_function,
+        pool_at(f"redis://nofcall:pw@127.0.0.1:{server.port}/0", namespace) as by_script,
+    ):
+        by_function.add_key(PROVIDER, "a", SECRET, models=["m"])
+        by_function.add_key(PROVIDER, "b", SECRET.replace("kept", "kep2"), models=["m"])
+        for _ in range(4):
+            by_function.acquire(PROVIDER, model="m").success()  # both kept, with model m
+        by_script.unassign_model("m", PROVIDER, "a")
+        while True:  # "a" cools for a moment, then the function library places it again
+            lease = by_function.acquire(PROVIDER)
+            if lease.key_id == "a":
+                lease.fail(429, retry_after=0.05)
+                break
+            lease.success()
+        time.sleep(0.2)
+        served = set()
+        for _ in range(6):
+            lease = by_function.acquire(PROVIDER, model="m")
+            served.add(lease.key_id)
+            lease.success()
+        assert served == {"b"}
+
+
+def test_a_key_sealed_again_through_evalsha_is_unsealed_with_the_new_key(
+    server: Server, namespace: str
+) -> None:
+    """Registering keys again (several at once go as one pipeline of EVALSHA) with a new
+    sealing key writes `sealed` and nothing else: `v` changes all the same, so a worker
+    holding only the new sealing key unseals what Redis holds, not a kept copy."""
+    env = {
+        "OPENAI_A_KEY": "sk-aaaaaaaaaaaaaaaaaaaaaaaa",
+        "OPENAI_B_KEY": "sk-bbbbbbbbbbbbbbbbbbbbbbbb",
+    }
+    old, new = "old-sealing-key-0123456789abcdef", "new-sealing-key-0123456789abcdef"
+    with pool_at(server.url, namespace, secret_key=old) as first:
+        first.load_env(env)
+        with pool_at(server.url, namespace, secret_key=old) as worker:
+            for _ in range(4):
+                worker.acquire(PROVIDER).success()  # both kept with the old sealed copy
+        with pool_at(server.url, namespace, secret_key=new, old_secret_keys=old) as rotate:
+            rotate.load_env(env)
+        with pool_at(server.url, namespace, secret_key=new) as after:
+            for _ in range(2):
+                lease = after.acquire(PROVIDER)
+                assert lease.secret in env.values()
+                lease.success()

@@ -4,6 +4,7 @@ reports sent without waiting for their reply. Each test runs a private ``redis-s
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -286,3 +287,44 @@ def test_a_connection_lost_with_a_report_and_an_acquire_in_flight(
             again.success()
             stats = pool.stats(PROVIDER, "solo")
             assert (stats.total_requests, stats.success_count, stats.in_flight) == (3, 3, 0)
+
+
+class _Interrupted(Exception):
+    """What a signal handler raises in a worker (as Celery's soft time limit does)."""
+
+
+def test_an_acquire_interrupted_behind_an_unread_report_is_abandoned(
+    server: Server, namespace: str
+) -> None:
+    """The server holds writes for a moment; an acquire sent behind an unread report is
+    interrupted while it waits. It is abandoned — never sent again, its reply never taken
+    for another's — and the report goes through: the thread's next acquire gets a key,
+    and no lease is left open."""
+
+    def interrupt(*_: object) -> None:
+        raise _Interrupted
+
+    with KeyPool(
+        settings=KeyPoolSettings(redis_url=server.url, namespace=namespace, lease_ttl=60)
+    ) as pool:
+        for key_id in ("a", "b"):
+            pool.add_key(PROVIDER, key_id, mp_workers.secret_for(key_id), max_concurrency=1)
+        for _ in range(3):
+            pool.acquire(PROVIDER).success()
+        pool.acquire(PROVIDER).success()  # its report is left unread
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            with server.client() as admin:
+                admin.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            with pytest.raises(_Interrupted):
+                pool.acquire(PROVIDER)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        time.sleep(0.4)
+        lease = pool.acquire(PROVIDER, wait=0)
+        lease.success()
+        stats = {s.key_id: s for s in pool.snapshot(PROVIDER)}
+        assert sum(s.in_flight for s in stats.values()) == 0
+        assert sum(s.success_count for s in stats.values()) == 5
