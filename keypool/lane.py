@@ -235,15 +235,29 @@ class Lane:
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             self._conn.disconnect()
             self._loaded.clear()
-            again, self._unread = self._unread, []
-            for sent in again:  # each is idempotent: one that did run changes nothing
-                try:
-                    late.append(
-                        Late(sent.tag, self._round_trip(sent.script, sent.keys, sent.args), None)
-                    )
-                except redis.RedisError as exc:
-                    late.append(Late(sent.tag, None, exc))
+            self._send_unread_again(late)
+        except BaseException:
+            self._carried = late + self._carried  # interrupted: handed back by the next read
+            raise
         return late
+
+    def _send_unread_again(self, late: list[Late]) -> None:
+        # Each is idempotent: one that did run changes nothing. Each stays queued until it
+        # is answered, so an interrupt here leaves the rest to the next read.
+        try:
+            while self._unread:
+                sent = self._unread[0]
+                try:
+                    reply = self._round_trip(sent.script, sent.keys, sent.args)
+                except redis.RedisError as exc:
+                    self._unread.pop(0)
+                    late.append(Late(sent.tag, None, exc))
+                    continue
+                self._unread.pop(0)
+                late.append(Late(sent.tag, reply, None))
+        except BaseException:
+            self._carried = late + self._carried
+            raise
 
     def _flush_unread_then_retry(self, sent: _Sent, late: list[Late]) -> None:
         # the calls sent after it were refused too, or ran: read them first

@@ -328,3 +328,35 @@ def test_an_acquire_interrupted_behind_an_unread_report_is_abandoned(
         stats = {s.key_id: s for s in pool.snapshot(PROVIDER)}
         assert sum(s.in_flight for s in stats.values()) == 0
         assert sum(s.success_count for s in stats.values()) == 5
+
+
+def test_reports_sent_again_after_a_lost_connection_survive_an_interrupt(
+    server: Server, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops before two reports reach the server; sending them again is
+    interrupted at the first. Neither is lost: the next call sends both."""
+    with FaultProxy(server.port) as proxy:
+        pool = KeyPool(
+            settings=KeyPoolSettings(redis_url=proxy.url, namespace=namespace, lease_ttl=60)
+        )
+        with pool:
+            pool.add_key(PROVIDER, "k1", mp_workers.secret_for("k1"))
+            pool.add_key(PROVIDER, "k2", mp_workers.secret_for("k2"))
+            pool.acquire(PROVIDER).success()
+            leases = [pool.acquire(PROVIDER) for _ in range(2)]
+            proxy.arm(containing(b"success"), mode="before")  # never reaches the server
+            for lease in leases:
+                lease.success()  # sent (as far as the pool knows); replies unread
+            round_trip = Lane._round_trip
+
+            def interrupted(self: Lane, *args: Any) -> Any:
+                monkeypatch.setattr(Lane, "_round_trip", round_trip)
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(Lane, "_round_trip", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                pool.acquire(PROVIDER)
+            assert proxy.dropped_count == 1
+            pool.acquire(PROVIDER).success()
+            requests, successes, in_flight = totals(pool)
+            assert successes == requests - in_flight == 4
