@@ -146,7 +146,7 @@ def test_each_provider_lives_in_one_slot_on_the_node_that_owns_it(
     for provider in providers:
         slot = slot_of(namespace, provider)
         with cluster.nodes[0].client() as direct:  # the server computes the same slot
-            for suffix in ("meta", "all", "rr", "k:k1", "kl:k1"):
+            for suffix in ("meta", "all", "rr", "k:k1", "leases"):
                 name = f"{namespace}:{{{provider}}}:{suffix}"
                 assert direct.execute_command("CLUSTER KEYSLOT", name) == slot
         owners[provider] = owner_by_cluster_nodes(cluster, slot)
