@@ -256,21 +256,24 @@ local function load_library(source)
   return functions, nil
 end
 
-local function call_function(f, name, numkeys, ...)
+-- KEYS and ARGV of a call: the first numkeys arguments, and the rest.
+local function split(numkeys, ...)
   local n = select('#', ...)
   local args, keys, argv = {...}, {}, {}
   for i = 1, numkeys do keys[i] = args[i] end
   for i = numkeys + 1, n do argv[i - numkeys] = args[i] end
+  return keys, argv
+end
+
+local function call_function(f, name, numkeys, ...)
+  local keys, argv = split(numkeys, ...)
   local ok, reply = xpcall(function() return f(keys, argv) end, handler)
   if ok then return true, reply end
   return false, failure(reply, name)
 end
 
 local function run(f, sha, numkeys, ...)
-  local n = select('#', ...)
-  local args, keys, argv = {...}, {}, {}
-  for i = 1, numkeys do keys[i] = args[i] end
-  for i = numkeys + 1, n do argv[i - numkeys] = args[i] end
+  local keys, argv = split(numkeys, ...)
   rawset(env, 'KEYS', keys)
   rawset(env, 'ARGV', argv)
   local ok, reply = xpcall(f, handler)
@@ -427,17 +430,7 @@ class LuaScripts:
         if compiled is None:
             self.load(sha, source)
             compiled = self._compiled[sha]
-        self._socket = socket
-        try:
-            ok, reply = self._run(compiled, sha, numkeys, *args)
-        finally:
-            self._socket = None
-        if not ok:
-            raise SimpleError(reply.decode("utf-8", "replace"))
-        reply = self._reply(reply)
-        if type(reply) is SimpleError:
-            raise reply
-        return reply
+        return self._invoke(socket, self._run, compiled, sha, numkeys, *args)
 
     def library(self, body: bytes) -> dict[bytes, Any]:
         """Run a function library's code (what follows its first line): the functions it
@@ -451,9 +444,14 @@ class LuaScripts:
         self, socket: Any, name: bytes, callback: Any, numkeys: int, args: tuple[bytes, ...]
     ) -> Any:
         """Run a library's function on ``socket``'s behalf (as :meth:`run` runs a script)."""
+        return self._invoke(socket, self._call_function, callback, name, numkeys, *args)
+
+    def _invoke(self, socket: Any, runner: Any, *args: Any) -> Any:
+        """Call the Lua ``runner`` (the boot code's run or call_function) with ``socket``'s
+        commands in reach: its reply as fakeredis replies, or raise its error."""
         self._socket = socket
         try:
-            ok, reply = self._call_function(callback, name, numkeys, *args)
+            ok, reply = runner(*args)
         finally:
             self._socket = None
         if not ok:

@@ -148,27 +148,54 @@ local function keep_nothing(id)
   forget_kept(key_hash(id))
 end
 
-local function load(id)
-  local key = key_hash(id)
+-- The state kept for hash `key`, while its `v` says it is the hash's (else nil).
+local function kept_state(key)
   local kept = not KEEP_OFF and KEPT[key]
-  if kept then
-    if kept.ep == EPOCH and kept.v == redis.call('HGET', key, 'v') then return kept end
-    forget_kept(key)
-  end
+  if not kept then return nil end
+  if kept.ep == EPOCH and kept.v == redis.call('HGET', key, 'v') then return kept end
+  forget_kept(key)
+  return nil
+end
+
+-- Hash `key` read whole into state table `s` (which holds its name); nil when the hash
+-- does not exist.
+local function read_state(key, s)
   local raw = redis.call('HGETALL', key)
   if #raw == 0 then return nil end
-  local s = setmetatable({ id = id }, STATE_MT)
+  setmetatable(s, STATE_MT)
   for i = 1, #raw, 2 do
     local name = raw[i]
     -- (`+ 0` turns the stored text into a number without a function call)
     if NUMBERS[name] then s[name] = raw[i + 1] + 0 else s[name] = raw[i + 1] end
   end
-  if not rawget(s, 'fp') then return nil end
-  if s.weight <= 0 then s.weight = 1 end
-  if rawget(s, 'v') and EPOCH and not KEEP_OFF then
+  return s
+end
+
+-- Keep state `s` of hash `key` for later calls, if it carries a stamp.
+local function keep_stamped(key, s)
+  if s.v and EPOCH and not KEEP_OFF then
     s.ep = EPOCH
     keep(key, s)
   end
+end
+
+-- Write the changes queued in w to hash `key` with this call's stamp; `s` is kept as written.
+local function write_state(key, s, w)
+  w[#w + 1] = 'v'
+  w[#w + 1] = STAMP
+  redis.call('HSET', key, unpack(w))
+  s.v = STAMP
+  keep_stamped(key, s)
+end
+
+local function load(id)
+  local key = key_hash(id)
+  local s = kept_state(key)
+  if s then return s end
+  s = read_state(key, { id = id })
+  if not s or not rawget(s, 'fp') then return nil end
+  if s.weight <= 0 then s.weight = 1 end
+  keep_stamped(key, s)
   return s
 end
 
@@ -186,16 +213,7 @@ local function set(s, w, name, value)
 end
 
 local function flush(s, w)
-  if #w == 0 then return end
-  local key = key_hash(s.id)
-  w[#w + 1] = 'v'
-  w[#w + 1] = STAMP
-  redis.call('HSET', key, unpack(w))
-  s.v = STAMP
-  if EPOCH and not KEEP_OFF then
-    s.ep = EPOCH
-    keep(key, s)
-  end
+  if #w > 0 then write_state(key_hash(s.id), s, w) end
 end
 
 -- ---------------------------------------------------------------- limit scopes
@@ -210,25 +228,10 @@ local function load_scope(name)
   local cached = SCOPE_CACHE[name]
   if cached ~= nil then return cached end
   local key = PREFIX .. 's:' .. name
-  local kept = not KEEP_OFF and KEPT[key]
-  if kept then
-    if kept.ep == EPOCH and kept.v == redis.call('HGET', key, 'v') then
-      SCOPE_CACHE[name] = kept
-      return kept
-    end
-    forget_kept(key)
-  end
-  local raw = redis.call('HGETALL', key)
-  local h = false
-  if #raw > 0 then
-    h = setmetatable({ name = name }, STATE_MT)
-    for i = 1, #raw, 2 do
-      if NUMBERS[raw[i]] then h[raw[i]] = raw[i + 1] + 0 else h[raw[i]] = raw[i + 1] end
-    end
-    if rawget(h, 'v') and EPOCH and not KEEP_OFF then
-      h.ep = EPOCH
-      keep(key, h)
-    end
+  local h = kept_state(key)
+  if not h then
+    h = read_state(key, { name = name }) or false
+    if h then keep_stamped(key, h) end
   end
   SCOPE_CACHE[name] = h
   return h
@@ -236,18 +239,10 @@ end
 
 local function scope_flush(h, w)
   if #w == 0 then return end
-  local key = PREFIX .. 's:' .. h.name
-  w[#w + 1] = 'v'
-  w[#w + 1] = STAMP
-  redis.call('HSET', key, unpack(w))
+  write_state(PREFIX .. 's:' .. h.name, h, w)
   if h.new then   -- listed once, when made
     redis.call('SADD', PREFIX .. 'scopes', h.name)
     h.new = nil
-  end
-  h.v = STAMP
-  if EPOCH and not KEEP_OFF then
-    h.ep = EPOCH
-    keep(key, h)
   end
 end
 
