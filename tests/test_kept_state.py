@@ -19,7 +19,8 @@ from tests.cluster import Server, start_redis
 pytestmark = [pytest.mark.redis]
 
 PROVIDER = "openai"
-SECRET = "sk-kept-state-0123456789abcdef"
+SECRET = "test-secret-kept-a-0123456789abcdef"  # made up: no provider's key
+SECRET_B = "test-secret-kept-b-0123456789abcdef"
 
 
 @pytest.fixture
@@ -35,6 +36,16 @@ def pool_at(url: str, namespace: str, **settings: object) -> KeyPool:
     return KeyPool(
         settings=KeyPoolSettings(redis_url=url, namespace=namespace, lease_ttl=60, **settings)
     )
+
+
+def script_url(server: Server) -> str:
+    """The URL of a user whose ACL denies FCALL: its pool calls by EVALSHA, in Redis's other
+    Lua, where nothing is kept between calls."""
+    with server.client() as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall", "-function"
+        )
+    return f"redis://nofcall:pw@127.0.0.1:{server.port}/0"
 
 
 def admitted(pool: KeyPool, attempts: int) -> int:
@@ -54,13 +65,9 @@ def test_a_budget_spent_through_evalsha_is_seen_by_the_function_library(
 ) -> None:
     """One process calls by FCALL (its key state kept in the library), another — whose ACL
     denies FCALL — by EVALSHA, in Redis's other Lua: together they admit rpm, not more."""
-    with server.client() as admin:
-        admin.execute_command(
-            "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall", "-function"
-        )
     with (
         pool_at(server.url, namespace) as by_function,
-        pool_at(f"redis://nofcall:pw@127.0.0.1:{server.port}/0", namespace) as by_script,
+        pool_at(script_url(server), namespace) as by_script,
     ):
         by_function.add_key(PROVIDER, "only", SECRET, rpm=5)
         by_script.add_key(PROVIDER, "only", SECRET, rpm=5)
@@ -75,17 +82,13 @@ def test_an_account_budget_spent_through_evalsha_is_seen_by_the_function_library
     server: Server, namespace: str
 ) -> None:
     """Limit scopes are kept like keys: an account's rpm spent by both kinds of caller."""
-    with server.client() as admin:
-        admin.execute_command(
-            "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall", "-function"
-        )
     with (
         pool_at(server.url, namespace) as by_function,
-        pool_at(f"redis://nofcall:pw@127.0.0.1:{server.port}/0", namespace) as by_script,
+        pool_at(script_url(server), namespace) as by_script,
     ):
         for pool in (by_function, by_script):
             pool.add_key(PROVIDER, "a", SECRET, account="team")
-            pool.add_key(PROVIDER, "b", SECRET.replace("kept", "kep2"), account="team")
+            pool.add_key(PROVIDER, "b", SECRET_B, account="team")
         by_function.set_limits(PROVIDER, account="team", rpm=6)
         assert admitted(by_function, 3) == 3  # the account's state is kept now
         assert admitted(by_script, 2) == 2
@@ -129,16 +132,12 @@ def test_a_model_unassigned_through_evalsha_is_not_served_again(
     """An admin action writes the hash directly (the key's models): `v` changes with it, so
     the function library, which kept the key with its models, does not put it back into the
     model's rotation when the key comes back from a cooldown."""
-    with server.client() as admin:
-        admin.execute_command(
-            "ACL", "SETUSER", "nofcall", "on", ">pw", "~*", "&*", "+@all", "-fcall", "-function"
-        )
     with (
         pool_at(server.url, namespace) as by_function,
-        pool_at(f"redis://nofcall:pw@127.0.0.1:{server.port}/0", namespace) as by_script,
+        pool_at(script_url(server), namespace) as by_script,
     ):
         by_function.add_key(PROVIDER, "a", SECRET, models=["m"])
-        by_function.add_key(PROVIDER, "b", SECRET.replace("kept", "kep2"), models=["m"])
+        by_function.add_key(PROVIDER, "b", SECRET_B, models=["m"])
         for _ in range(4):
             by_function.acquire(PROVIDER, model="m").success()  # both kept, with model m
         by_script.unassign_model("m", PROVIDER, "a")
@@ -164,8 +163,8 @@ def test_a_key_sealed_again_through_evalsha_is_unsealed_with_the_new_key(
     sealing key writes `sealed` and nothing else: `v` changes all the same, so a worker
     holding only the new sealing key unseals what Redis holds, not a kept copy."""
     env = {
-        "OPENAI_A_KEY": "sk-aaaaaaaaaaaaaaaaaaaaaaaa",
-        "OPENAI_B_KEY": "sk-bbbbbbbbbbbbbbbbbbbbbbbb",
+        "OPENAI_A_KEY": SECRET,
+        "OPENAI_B_KEY": SECRET_B,
     }
     old, new = "old-sealing-key-0123456789abcdef", "new-sealing-key-0123456789abcdef"
     with pool_at(server.url, namespace, secret_key=old) as first:
